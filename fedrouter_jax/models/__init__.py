@@ -1,0 +1,1 @@
+"""Llama model: config, pure apply, HF I/O, generation."""

@@ -1,0 +1,195 @@
+"""Llama as pure functions over a plain parameter pytree (layers stacked, scanned).
+
+Shape alphabet: B batch, T tokens, D width, L layers, V vocab, A adapters, R LoRA rank.
+The parameter layout is in docs/CONVENTIONS.md. LoRA enters as a `LoraStack` that is either
+  * a single adapter (leaves `[L, d_in, R]`), shared by the whole batch, or
+  * a stack (leaves `[A, L, d_in, R]`) with `adapter_ids: [B]` choosing one per example
+    (a per-example gather inside the jitted call; id -1 = base model alone).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from fedrouter_jax.lora import LoraStack
+from fedrouter_jax.models.config import LlamaConfig
+from fedrouter_jax.models.layers import apply_rope, attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+
+_LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
+
+
+def param_shapes(cfg: LlamaConfig) -> dict:
+    """The parameter tree's shapes (see docs/CONVENTIONS.md)."""
+    d, f, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {
+        "embed": (v, d),
+        "layers": {
+            "attn_norm": (n, d), "q_proj": (n, d, q), "k_proj": (n, d, kv), "v_proj": (n, d, kv),
+            "o_proj": (n, q, d), "mlp_norm": (n, d), "gate_proj": (n, d, f), "up_proj": (n, d, f),
+            "down_proj": (n, f, d),
+        },
+        "final_norm": (d,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def init_params(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random base weights (normal(0, std) matrices, unit norms), as HF initialises Llama."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, shape, path in zip(keys, leaves, paths):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row: `[B, T]` (0 on left padding)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _lora_layers(lora: Optional[LoraStack], adapter_ids: Optional[jax.Array]):
+    """Per-layer LoRA factors for the scan and how to apply them.
+
+    Returns (xs, gate): xs leaves `[L, d_in, R]` (shared) or `[L, B, d_in, R]` (per example);
+    gate `[B]` float zeroes the update of examples routed to the base (id -1), or None.
+    """
+    if lora is None:
+        return None, None
+    ndim = next(iter(lora.params.values()))["a"].ndim
+    if ndim == 3:
+        if adapter_ids is not None:
+            raise ValueError("adapter_ids given with a single adapter; pass a stack [A, ...]")
+        return lora.params, None
+    if adapter_ids is None:
+        if lora.n_adapters != 1:
+            raise ValueError(
+                f"a stack of {lora.n_adapters} adapters needs adapter_ids [batch] to pick one per example"
+            )
+        return jax.tree.map(lambda x: x[0], lora.params), None
+    ids = jnp.asarray(adapter_ids, jnp.int32)
+    picked = jax.tree.map(lambda x: jnp.moveaxis(x[jnp.maximum(ids, 0)], 1, 0), lora.params)
+    return picked, (ids >= 0).astype(jnp.float32)
+
+
+def _project(h, w, lora_layer, name, scale, gate):
+    """`h: [B, T, d_in]` @ `w: [d_in, d_out]` plus the LoRA update of target `name` if any."""
+    y = h @ w
+    if lora_layer is None or name not in lora_layer:
+        return y
+    a, b = lora_layer[name]["a"], lora_layer[name]["b"]
+    if a.ndim == 2:  # one adapter for the whole batch
+        delta = (h @ a.astype(h.dtype)) @ b.astype(h.dtype)
+    else:  # a: [B, d_in, R], b: [B, R, d_out]
+        delta = jnp.einsum("btr,bro->bto", jnp.einsum("btd,bdr->btr", h, a.astype(h.dtype)), b.astype(h.dtype))
+        delta = delta * gate.astype(h.dtype)[:, None, None]
+    return y + (scale * delta).astype(y.dtype)
+
+
+def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, allowed, cache=None, cache_index=None):
+    """One decoder layer. x: [B, T, D]; cache: (k, v) each [B, S, K, hd] written at cache_index."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    proj = lambda h, name: _project(h, layer[name], lora_layer, name, scale, gate)
+    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    q = apply_rope(proj(h, "q_proj").reshape(b, t, cfg.num_attention_heads, hd), cos, sin)
+    k = apply_rope(proj(h, "k_proj").reshape(b, t, cfg.num_key_value_heads, hd), cos, sin)
+    v = proj(h, "v_proj").reshape(b, t, cfg.num_key_value_heads, hd)
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+    o = attention(q, k, v, allowed).reshape(b, t, cfg.num_attention_heads * hd)
+    x = x + proj(o, "o_proj")
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    x = x + proj(swiglu(proj(h, "gate_proj"), proj(h, "up_proj")), "down_proj")
+    return x, (k, v)
+
+
+def transformer(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    lora: Optional[LoraStack] = None,
+    adapter_ids: Optional[jax.Array] = None,
+    positions: Optional[jax.Array] = None,
+    cache: Optional[tuple] = None,
+    cache_index: Optional[jax.Array] = None,
+    key_mask: Optional[jax.Array] = None,
+    return_cache: bool = False,
+    remat: bool = False,
+):
+    """Final-normed hidden states `[B, T, D]` (and the kv cache `[L, B, S, K, hd]` x2 if asked).
+
+    tokens, mask: [B, T]. Without a cache, query t attends key s iff s <= t and mask[s].
+    With a cache (decoding), the T new tokens are written at `cache_index` and attend the
+    cache's keys s <= cache_index + t with `key_mask[B, S]` set.
+    """
+    if positions is None:
+        positions = positions_from_mask(mask)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
+    t = tokens.shape[1]
+    if cache is None:
+        q_idx, k_idx, kmask = jnp.arange(t), jnp.arange(t), mask
+    else:
+        s = cache[0].shape[2]
+        q_idx, k_idx, kmask = cache_index + jnp.arange(t), jnp.arange(s), key_mask
+    allowed = (k_idx[None, None, :] <= q_idx[None, :, None]) & kmask[:, None, :].astype(bool)
+
+    x = params["embed"][tokens]
+    lora_xs, gate = _lora_layers(lora, adapter_ids)
+    scale = lora.scale if lora is not None else 0.0
+
+    def body(x, xs):
+        layer, lora_layer, layer_cache = xs
+        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, allowed, layer_cache, cache_index)
+        return x, (kv if (return_cache or cache is not None) else None)
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, kv = jax.lax.scan(body, x, (params["layers"], lora_xs, cache))
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return (x, kv) if (return_cache or cache is not None) else x
+
+
+def lm_head(params: dict, hidden: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """`hidden: [..., D]` -> float32 logits `[..., V]` (tied embeddings reuse `embed`)."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+
+
+def apply(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    lora: Optional[LoraStack] = None,
+    adapter_ids: Optional[jax.Array] = None,
+    remat: bool = False,
+) -> jax.Array:
+    """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]`."""
+    hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat)
+    return lm_head(params, hidden, cfg)
+
+
+def mean_pooled_embedding(params: dict, tokens: jax.Array, mask: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
+    """Padding-aware mean of the final-normed last hidden state: `[B, T] -> [B, D]` float32.
+
+    No L2 normalisation (as the FedRouter authors' code): K-Means then sees raw Euclidean geometry.
+    """
+    hidden = transformer(params, tokens, mask, cfg=cfg).astype(jnp.float32)
+    m = mask.astype(jnp.float32)[..., None]
+    return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
