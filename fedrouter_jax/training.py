@@ -1,0 +1,150 @@
+"""LoRA training: response-only causal-LM loss, one AdamW step, K local steps, C clients at once.
+
+Shape alphabet: C clients (or client-adapter pairs), S local steps, B batch, T tokens.
+The base parameters are an argument of every function but are never differentiated and never
+enter optimizer state; under the client `vmap` they are broadcast (`in_axes=None`), held once.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedrouter_jax.lora import LoraStack
+from fedrouter_jax.models import llama
+from fedrouter_jax.models.config import LlamaConfig
+
+
+class Batch(NamedTuple):
+    """tokens: [..., B, T] int32; mask: [..., B, T] bool; loss_mask: [..., B, T] bool."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+
+
+def make_optimizer(weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """AdamW whose learning rate lives in the optimizer state (`inject_hyperparams`), so a
+    per-round schedule changes a value, not the compiled program. HF/PyTorch defaults for betas
+    and eps; weight decay 0 as in HF `TrainingArguments` (what OpenFedLLM-based code uses)."""
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay
+    )
+
+
+def set_learning_rate(opt_state, lr) -> optax.OptState:
+    """Return `opt_state` with its injected learning rate replaced (works on stacked states)."""
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = jnp.broadcast_to(jnp.asarray(lr, jnp.float32), jnp.shape(hp["learning_rate"]))
+    return opt_state._replace(hyperparams=hp)
+
+
+def with_frozen(trainable: LoraStack, frozen: Optional[LoraStack], frozen_weight=1.0) -> LoraStack:
+    """One adapter whose update is `trainable + frozen_weight * frozen`, by concatenating ranks.
+
+    `x a1 b1 + x a2 b2 = x [a1|a2] [b1;b2]`, and `stop_gradient` keeps the frozen half out of the
+    gradient. Used by methods that train a local adapter on top of a fixed global one (FedDPA).
+    Both must share alpha and rank (so the common `alpha / R` scale stays right).
+    """
+    if frozen is None:
+        return trainable
+    w = jnp.asarray(frozen_weight, jnp.float32)
+    merged = {}
+    for t, p in trainable.params.items():
+        f = jax.tree.map(jax.lax.stop_gradient, frozen.params[t])
+        merged[t] = {
+            "a": jnp.concatenate([p["a"], f["a"]], axis=-1),
+            "b": jnp.concatenate([p["b"], w * f["b"]], axis=-2),
+        }
+    # rank doubles, so halve alpha to keep each half's scale at alpha / R
+    return LoraStack(params=merged, alpha=trainable.alpha * 2)
+
+
+def response_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy over response tokens: logits [B, T, V] -> (loss [], n_tokens [])."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch.tokens[:, 1:, None], axis=-1)[..., 0]
+    w = batch.loss_mask[:, 1:].astype(jnp.float32)
+    n = w.sum()
+    return (nll * w).sum() / jnp.maximum(n, 1.0), n
+
+
+def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False):
+    logits = llama.apply(base, batch.tokens, batch.mask, cfg=cfg, lora=with_frozen(lora, frozen), remat=remat)
+    return response_loss(logits, batch)
+
+
+def lora_train_step(
+    base: dict,
+    lora: LoraStack,
+    opt_state: optax.OptState,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    frozen: Optional[LoraStack] = None,
+    remat: bool = False,
+):
+    """One AdamW step on a single adapter. batch leaves [B, T] -> (lora, opt_state, metrics).
+
+    `key` is accepted for stochastic regularisers (LoRA dropout is 0 here, as in the paper's
+    setup) so the signature does not change when one is added. metrics: loss, n_tokens,
+    grad_norm (all scalars; the runner checks them for NaN/Inf once per round).
+    """
+    del key
+    (loss, n), grads = jax.value_and_grad(lora_loss, has_aux=True)(lora, base, batch, cfg, frozen, remat)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads)}
+
+
+def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, frozen=None, remat=False):
+    """S steps by `lax.scan` over batches [S, B, T] -> (lora, opt_state, metrics [S])."""
+    keys = jax.random.split(key, batches.tokens.shape[0])
+
+    def step(carry, xs):
+        lora, opt_state = carry
+        batch, k = xs
+        lora, opt_state, m = lora_train_step(
+            base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat
+        )
+        return (lora, opt_state), m
+
+    (lora, opt_state), metrics = jax.lax.scan(step, (lora, opt_state), (batches, keys))
+    return lora, opt_state, metrics
+
+
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat"), donate_argnums=(1, 2))
+def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer, remat=False):
+    """All clients' local training of one round in ONE compiled call.
+
+    loras, opt_states: leading axis C; batches leaves [C, S, B, T]; keys [C, 2];
+    frozen: optional per-client frozen adapters [C, ...] (see `with_frozen`).
+    Returns (loras [C, ...], opt_states [C, ...], metrics {name: [C, S]}).
+    The base is broadcast (in_axes None). If the C-axis inputs are sharded over a mesh
+    (`shard_clients`), XLA partitions the vmapped computation over the devices.
+    """
+    run = lambda lora, opt, b, k, fr: local_steps(
+        base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat
+    )
+    return jax.vmap(run)(loras, opt_states, batches, keys, frozen)
+
+
+def init_opt_states(optimizer, loras: LoraStack, lr) -> optax.OptState:
+    """Fresh optimizer state per client: leaves [C, ...], learning rate `lr`."""
+    states = jax.vmap(optimizer.init)(loras)
+    return set_learning_rate(states, lr)
+
+
+def round_learning_rate(round_idx: int, rounds: int, lr: float, lr_min: float, schedule: str) -> float:
+    """Learning rate of a round: constant within a round; across rounds cosine from `lr` to
+    `lr_min` (the FedRouter authors' code) or constant (the paper states only 5e-4)."""
+    if schedule == "constant" or rounds <= 1:
+        return float(lr)
+    import math
+
+    return float(lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * round_idx / rounds)))
