@@ -3,24 +3,30 @@
 One step per round holds two items: ``state`` (any pytree of jax / numpy arrays, typed or raw
 uint32 PRNG keys, Python / numpy scalars; saved with ``args.StandardSave``) and ``extra`` (a
 JSON-able dict: metrics history, schedule position, resolved config; ``args.JsonSave``).
+Orbax refuses zero-size arrays ("Cannot save arrays with zero size: ... name=<leaf>").
 
-What Orbax 0.12.8 writes on a local filesystem (``AtomicRenameTemporaryPath``)::
+What Orbax 0.12.8 writes on a local filesystem (``AtomicRenameTemporaryPath``; observed in
+tests/test_checkpoint.py by SIGKILLing a child at each stage)::
 
-    <dir>/2.orbax-checkpoint-tmp/      a step while it is written: items, then
-                                       _CHECKPOINT_METADATA (commit timestamp) and
-                                       commit_success.txt; then ONE rename to ...
+    <dir>/2.orbax-checkpoint-tmp/      the step while it is written; inside it each item is also
+      _CHECKPOINT_METADATA             written to <item>.orbax-checkpoint-tmp/ and renamed to
+      state.orbax-checkpoint-tmp/      <item>/ (with its own commit_success.txt) when done; then
+      extra.orbax-checkpoint-tmp/      the step gets a commit timestamp and commit_success.txt,
+                                       and ONE rename makes it ...
     <dir>/2/
       _CHECKPOINT_METADATA             JSON: item handlers, init / commit timestamps
-      commit_success.txt               step-level commit marker (written before the rename)
-      state/                           OCDBT: manifest.ocdbt, _METADATA, _sharding, d/, ocdbt.process_0/,
+      commit_success.txt               step-level commit marker (written just before the rename)
+      state/                           OCDBT / zarr3: manifest.ocdbt, _METADATA, _sharding,
+                                       ocdbt.process_0/{manifest.ocdbt,d/*}, d/*,
                                        array_metadatas/, commit_success.txt
       extra/                           metadata (the JSON), commit_success.txt
       fedrouter_complete.json          OURS: written last, after every file above was fsync'ed;
                                        lists each file's size
     <dir>/.trash/                      steps being deleted (atomic rename, then rmtree)
 
-Orbax itself does not fsync, and the manager's in-process ``latest_step()`` may name a step
-whose save has not finished. So completeness is decided here, from the disk only: a step
+Orbax's Python layer does not fsync (JSON and metadata files are plain ``write_text``; only
+TensorStore's array files may be synced), and the manager's in-process ``latest_step()`` may
+name a step whose (async) save has not finished. So completeness is decided here, from the disk only: a step
 counts iff its directory name is a plain integer (no tmp suffix), it holds Orbax's
 ``commit_success.txt`` at the step level and in both item directories, its
 ``_CHECKPOINT_METADATA`` has a commit timestamp, and our ``fedrouter_complete.json`` is present

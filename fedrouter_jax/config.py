@@ -131,6 +131,8 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 64
     every: int = 0  # evaluate every N rounds; 0 = only after the last round
+    include_base: bool = True  # also score the untrained base model (the table's reference row)
+    router_modes: tuple[str, ...] = ()  # extra routing modes scored at the end, e.g. [global]
 
 
 @dataclasses.dataclass(frozen=True)

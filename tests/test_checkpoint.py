@@ -35,7 +35,7 @@ _STATE_SRC = textwrap.dedent(
                 "a": jnp.asarray(rng.standard_normal((2, 3, 5)), jnp.float32),
                 "b": jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.bfloat16),
             },
-            "big": np.asarray(rng.standard_normal(big), np.float32),
+            "big": rng.standard_normal(big, dtype=np.float32),
             "centroids": rng.standard_normal((4, 6)).astype(np.float32),
             "assign": jnp.asarray(rng.integers(-1, 4, size=(7,)), jnp.int32),
             "key": jax.random.PRNGKey(step),                 # raw uint32 key data
@@ -215,8 +215,9 @@ def _run_child_and_kill(directory: Path, mode: str, tmp_path: Path) -> str:
                 raise AssertionError(f"child exited early:\n{child.stdout.read().decode()}")
             assert time.monotonic() < deadline, "child never reached the kill point"
             time.sleep(0.005)
-        if mode == "large_write":  # wait for Orbax's tmp dir of step 2, then kill at once
-            while not any(TMP_SUFFIX in p.name for p in directory.iterdir()):
+        if mode == "large_write":  # kill once array data of step 2 starts to land on disk
+            item_tmp = directory / ("2" + TMP_SUFFIX) / ("state" + TMP_SUFFIX)
+            while not (item_tmp.is_dir() and any(p.is_file() for p in item_tmp.rglob("*"))):
                 assert child.poll() is None and time.monotonic() < deadline
                 time.sleep(0.001)
         else:
@@ -239,7 +240,6 @@ def test_sigkill_mid_save_keeps_last_complete_step(tmp_path, mode):
     where = _run_child_and_kill(directory, mode, tmp_path)
     assert where == mode  # killed while step 2 was being saved, never after it finished
     leftovers = sorted(p.name for p in directory.iterdir())
-    print(mode, leftovers, [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and not p.parent.name == "d"])
     assert "1" in leftovers and len(leftovers) == 2, leftovers  # step 1 + debris of step 2
 
     reader = CheckpointStore(directory, read_only=True)

@@ -189,9 +189,17 @@ def _lloyd(x, xx, w, c0, cmask, tol_scaled, max_iter):
     return c, labels, inertia, n_iter
 
 
-def _kmeanspp(key, x, xx, w, k_active, k_max, n_local_trials):
-    """sklearn's greedy k-means++ on centred x [N, D]. -> centroids [k_max, D] (0 beyond k_active)."""
+def _kmeanspp(key, x, xx, w, k_active, k_max):
+    """sklearn's greedy k-means++ on centred x [N, D]. -> centroids [k_max, D] (0 beyond k_active).
+
+    k_active may be traced (per-client k): the loop runs k_active - 1 steps and draws
+    ``2 + int(log k_max)`` candidates of which the first ``2 + int(log k_active)`` compete,
+    exactly sklearn's number of local trials for k_active.
+    """
     n, d = x.shape
+    n_draw = _n_local_trials(k_max)
+    n_trials = 2 + jnp.floor(jnp.log(k_active.astype(jnp.float32)) + 1e-6).astype(jnp.int32)
+    trial_ok = jnp.arange(n_draw) < n_trials
     key, sub = jax.random.split(key)
     logits = jnp.where(w > 0, 0.0, -jnp.inf)
     first = jax.random.categorical(sub, logits)
@@ -202,21 +210,18 @@ def _kmeanspp(key, x, xx, w, k_active, k_max, n_local_trials):
     def body(ci, carry):
         centers, closest, pot, key = carry
         key, sub = jax.random.split(key)
-        r = jax.random.uniform(sub, (n_local_trials,), x.dtype) * pot
+        r = jax.random.uniform(sub, (n_draw,), x.dtype) * pot
         cand = jnp.searchsorted(jnp.cumsum(closest), r)  # closest already carries w
         cand = jnp.clip(cand, 0, n - 1)
         xc = x[cand]  # [L, D]
         dc = jnp.maximum(xx[cand][:, None] + xx[None, :] - 2.0 * (xc @ x.T), 0.0)  # [L, N]
         dc = jnp.minimum(closest[None, :], dc * w[None, :])
-        pots = jnp.sum(dc, axis=-1)
+        pots = jnp.where(trial_ok, jnp.sum(dc, axis=-1), jnp.inf)
         b = jnp.argmin(pots)
-        active = ci < k_active
-        centers = centers.at[ci].set(jnp.where(active, xc[b], 0.0))
-        closest = jnp.where(active, dc[b], closest)
-        pot = jnp.where(active, pots[b], pot)
-        return centers, closest, pot, key
+        centers = centers.at[ci].set(xc[b])
+        return centers, dc[b], pots[b], key
 
-    centers, *_ = jax.lax.fori_loop(1, k_max, body, (centers, closest, pot, key))
+    centers, *_ = jax.lax.fori_loop(1, k_active, body, (centers, closest, pot, key))
     return centers
 
 
@@ -241,10 +246,9 @@ def _client_kmeans(x, w, k_active, init, key, *, k_max, max_iter, tol, n_init, u
         c0 = jnp.where(cmask[:, None], init - mean, 0.0)
         c, labels, inertia, n_iter = _lloyd(xc, xx, w, c0, cmask, tol_scaled, max_iter)
     else:
-        trials = _n_local_trials(k_max)
 
         def one_run(key):
-            c0 = _kmeanspp(key, xc, xx, w, k_active, k_max, trials)
+            c0 = _kmeanspp(key, xc, xx, w, k_active, k_max)
             return _lloyd(xc, xx, w, c0, cmask, tol_scaled, max_iter)
 
         keys = jax.random.split(key, n_init)
@@ -257,13 +261,11 @@ def _client_kmeans(x, w, k_active, init, key, *, k_max, max_iter, tol, n_init, u
     return c, labels, inertia, n_iter
 
 
-@partial(
-    jax.jit,
-    static_argnames=("k_max", "max_iter", "tol", "n_init", "use_init", "client_batch_size"),
-)
+@partial(jax.jit, static_argnames=("k_max", "n_init", "use_init", "client_batch_size"))
 def _batched_kmeans_jit(
-    x, w, k_active, init, keys, *, k_max, max_iter, tol, n_init, use_init, client_batch_size
+    x, w, k_active, init, keys, max_iter, tol, *, k_max, n_init, use_init, client_batch_size
 ):
+    # tol and max_iter are traced: changing them does not recompile.
     fn = partial(
         _client_kmeans,
         k_max=k_max,
@@ -305,7 +307,8 @@ def kmeans(
 
     x: [N, D] (numpy or jax; cast to float32). init: optional [n_clusters, D]: Lloyd runs from
     exactly these centroids, once (n_init is ignored, as sklearn with an array init). Otherwise
-    greedy k-means++, ``n_init`` restarts (int, or "auto" = 1 as sklearn), lowest inertia kept.
+    greedy k-means++ from ``key(seed)``, ``n_init`` restarts (int, or "auto" = 1 as sklearn),
+    lowest inertia kept.
     sample_mask: optional [N] bool, False = padding (ignored everywhere, label -1).
     -> KMeansResult(centroids [K, D], labels [N], inertia [], n_iter []).
     """
@@ -326,7 +329,7 @@ def kmeans(
         max_iter=max_iter,
         tol=tol,
         n_init=n_init,
-        seed=seed,
+        seed=np.asarray([seed]),
     )
     return KMeansResult(res.centroids[0], res.labels[0], res.inertia[0], res.n_iter[0])
 
@@ -341,7 +344,7 @@ def batched_kmeans(
     max_iter: int = 300,
     tol: float = 1e-4,
     n_init: int | str = 10,
-    seed: int = 0,
+    seed=0,
     client_batch_size: int = 1,
 ) -> BatchedKMeansResult:
     """K-Means of every client in one jitted call; each client equals its own `kmeans` call.
@@ -349,7 +352,8 @@ def batched_kmeans(
     x: [C, N, D] padded client data; mask: [C, N] bool (True = real sample) or None;
     n_clusters: int or [C] ints (per-client k_c <= k_max); k_max: static padded cluster count
     (default max(n_clusters)); init: optional [C, k_max, D] initial centroids (rows >= k_c ignored);
-    seed: k-means++ seed, client c uses ``fold_in(key(seed), c)``; client_batch_size: clients per
+    seed: k-means++ seed: an int (client c uses ``fold_in(key(seed), c)``) or [C] ints (client c
+    uses ``key(seed[c])``, as `kmeans(..., seed=seed[c])` does); client_batch_size: clients per
     vmapped group inside ``lax.map`` (1 = strictly sequential, usually fastest on CPU).
     -> BatchedKMeansResult(centroids [C, k_max, D], centroid_mask [C, k_max], labels [C, N],
     inertia [C], n_iter [C]).
@@ -364,7 +368,7 @@ def batched_kmeans(
         raise ValueError(f"n_clusters must be in [1, k_max={k_max}], got {k_arr}")
     if not isinstance(mask, jax.core.Tracer):
         n_valid = np.asarray(mask).sum(axis=1)
-        if np.any(n_valid < k_arr):
+        if np.any((n_valid < k_arr) & (n_valid > 0)):  # an empty client just gets labels -1
             raise ValueError(f"a client has fewer valid samples {n_valid} than clusters {k_arr}")
     use_init = init is not None
     if use_init:
@@ -375,16 +379,19 @@ def batched_kmeans(
     else:
         init = jnp.zeros((c_num, 1, 1), jnp.float32)  # unused placeholder
         n_init_r = _resolve_n_init(n_init)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(c_num))
+    if np.ndim(seed) == 0:
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(c_num))
+    else:
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seed, jnp.int32).reshape(c_num))
     c, labels, inertia, n_iter = _batched_kmeans_jit(
         x,
         mask.astype(jnp.float32),
         jnp.asarray(k_arr),
         init,
         keys,
+        jnp.int32(max_iter),
+        jnp.float32(tol),
         k_max=int(k_max),
-        max_iter=int(max_iter),
-        tol=float(tol),
         n_init=n_init_r,
         use_init=use_init,
         client_batch_size=int(client_batch_size),
@@ -407,4 +414,4 @@ def kmeans_plusplus(x, n_clusters: int, *, seed: int = 0, sample_mask=None) -> j
 @partial(jax.jit, static_argnames=("k",))
 def _kmeanspp_jit(key, x, w, *, k):
     xx = jnp.sum(x * x, -1)
-    return _kmeanspp(key, x, xx, w, k, k, _n_local_trials(k))
+    return _kmeanspp(key, x, xx, w, jnp.int32(k), k)

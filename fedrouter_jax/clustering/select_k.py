@@ -9,10 +9,11 @@ always returns the arg-max over ``k_range``.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
-from .kmeans import batched_kmeans, kmeans
-from .silhouette import batched_silhouette_score, silhouette_score
+from .kmeans import batched_kmeans
+from .silhouette import batched_silhouette_score
 
 __all__ = ["choose_k", "choose_k_batched"]
 
@@ -47,22 +48,12 @@ def choose_k(
     ks = np.asarray(list(k_range), np.int64)
     if ks.size == 0 or ks.min() < 2:
         raise ValueError(f"k_range must hold ks >= 2 (Silhouette is undefined for k=1), got {ks}")
-    n_valid = x.shape[0] if sample_mask is None else int(np.asarray(sample_mask).sum())
-    scores = {}
-    for k in ks:
-        k = int(k)
-        if k >= n_valid:
-            scores[k] = float("nan")
-            continue
-        res = kmeans(
-            x, k, n_init=n_init, seed=seed, max_iter=max_iter, tol=tol, sample_mask=sample_mask
-        )
-        try:
-            scores[k] = silhouette_score(x, res.labels, sample_mask=sample_mask, n_labels=k)
-        except ValueError:  # all samples identical: fewer than 2 non-empty clusters
-            scores[k] = float("nan")
-    best = _pick(np.array([scores[int(k)] for k in ks]), ks, min_silhouette)
-    return best, scores
+    mask = None if sample_mask is None else np.asarray(sample_mask, bool)[None]
+    best, scores = choose_k_batched(
+        np.asarray(x, np.float32)[None], mask, ks, seed=np.asarray([seed]), n_init=n_init,
+        max_iter=max_iter, tol=tol, min_silhouette=min_silhouette,
+    )
+    return int(best[0]), {int(k): float(v) for k, v in zip(ks, scores[0])}
 
 
 def choose_k_batched(
@@ -70,7 +61,7 @@ def choose_k_batched(
     mask,
     k_range=range(2, 9),
     *,
-    seed: int = 0,
+    seed=0,
     n_init: int | str = 10,
     max_iter: int = 300,
     tol: float = 1e-4,
@@ -79,30 +70,34 @@ def choose_k_batched(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`choose_k` for every client: two jitted calls per k (batched K-Means, batched Silhouette).
 
-    x: [C, N, D], mask: [C, N] bool or None. -> (best_k [C] int, scores [C, len(k_range)] float,
-    NaN where undefined, e.g. a client with <= k valid samples).
+    Both are compiled once for the whole range (k_max = max(k_range), the current k is a traced
+    per-client cluster count), so scanning k costs no recompilation.
+    x: [C, N, D], mask: [C, N] bool or None; seed: int or [C] ints (see `batched_kmeans`).
+    -> (best_k [C] int, scores [C, len(k_range)] float, NaN where undefined, e.g. a client with
+    <= k valid samples).
     """
-    x = np.asarray(x, np.float32) if not hasattr(x, "devices") else x
+    x = jnp.asarray(x, jnp.float32)
     c, n, _ = x.shape
     mask_np = np.ones((c, n), bool) if mask is None else np.asarray(mask, bool)
     n_valid = mask_np.sum(1)
     ks = np.asarray(list(k_range), np.int64)
     if ks.size == 0 or ks.min() < 2:
         raise ValueError(f"k_range must hold ks >= 2 (Silhouette is undefined for k=1), got {ks}")
+    k_max = int(ks.max())
     scores = np.full((c, ks.size), np.nan, np.float64)
     for j, k in enumerate(ks):
         k = int(k)
         ok = n_valid > k
         if not ok.any():
             continue
-        k_c = np.where(ok, k, np.minimum(k, np.maximum(n_valid, 1)))  # keeps too-small clients legal
+        k_c = np.where(ok, k, np.clip(n_valid, 1, k))  # too-small clients: legal, score NaN
         res = batched_kmeans(
-            x, mask_np, k_c, k_max=k, n_init=n_init, seed=seed, max_iter=max_iter, tol=tol,
+            x, mask_np, k_c, k_max=k_max, n_init=n_init, seed=seed, max_iter=max_iter, tol=tol,
             client_batch_size=client_batch_size,
         )
         s = np.asarray(
             batched_silhouette_score(
-                x, res.labels, mask_np, n_labels=k, client_batch_size=client_batch_size
+                x, res.labels, mask_np, n_labels=k_max, client_batch_size=client_batch_size
             )
         )
         scores[:, j] = np.where(ok, s, np.nan)

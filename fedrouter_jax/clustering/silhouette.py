@@ -6,9 +6,10 @@ singleton clusters get s = 0 (sklearn's convention); the score is the mean of s 
 
 Float32 throughout (no float64): the data are centred first (shrinks ||x||^2, so the distance
 trick ``||x||^2 - 2 x.y + ||y||^2`` loses less to cancellation), squared distances are clamped at
-0 and the self-distance is set to exactly 0. Rows are processed in blocks with ``lax.map`` so a
-block holds [block, N] distances, never [N, N] (20k samples: 20k x 2k per block). Per-cluster
-sums of distances are one matmul with the one-hot labels.
+0 and the self-distance is set to exactly 0. Samples are split in blocks of <= 4096 rows and a
+``lax.scan`` visits the block pairs (I, J >= I), so memory is [4096, 4096] distances, never
+[N, N], and the symmetric half is not recomputed. Per-cluster sums of distances are matmuls with
+the one-hot labels.
 
 Labels are integers in [0, n_labels); padded samples (mask False) neither count as neighbours
 nor enter the mean. The score needs 2 <= #non-empty clusters <= #samples - 1; otherwise sklearn
@@ -25,17 +26,22 @@ import numpy as np
 
 __all__ = ["silhouette_samples", "silhouette_score", "batched_silhouette_score"]
 
-_BLOCK_ELEMS = 1 << 23  # ~32 MiB of float32 distances per row block
+_MAX_BLOCK = 4096  # rows per block: <= [4096, 4096] distances (64 MiB); big matmuls run fastest
 
 
 def _block_rows(n: int) -> int:
-    return int(max(8, min(n, _BLOCK_ELEMS // max(n, 1))))
+    """Rows per block: N split into ceil(N / _MAX_BLOCK) nearly equal blocks (multiple of 8)."""
+    nb = max(1, -(-n // _MAX_BLOCK))
+    b = -(-n // nb)
+    return int(-(-b // 8) * 8) if nb > 1 else int(n)
 
 
 def _silhouette_core(x, labels, w, *, n_labels, block):
     """One data set. x [N, D], labels [N] int32 in [0, n_labels), w [N] float32 in {0, 1}.
 
-    -> (s [N] float32 (0 on padded samples), score [] float32 (NaN if undefined))
+    Distances are symmetric, so only block pairs (I, J >= I) are computed (half the N^2 D
+    FLOPs): block (I, J) adds its distances to the per-cluster sums of rows I and, transposed,
+    of rows J. -> (s [N] float32 (0 on padded samples), score [] float32 (NaN if undefined))
     """
     n, d = x.shape
     n_valid = jnp.maximum(jnp.sum(w), 1.0)
@@ -46,18 +52,27 @@ def _silhouette_core(x, labels, w, *, n_labels, block):
     counts = jnp.sum(onehot, 0)  # [K]
 
     pad = (-n) % block
-    xb = jnp.pad(xc, ((0, pad), (0, 0))).reshape(-1, block, d)
-    xxb = jnp.pad(xx, (0, pad)).reshape(-1, block)
-    ib = jnp.arange(n + pad).reshape(-1, block)
+    nb = (n + pad) // block
+    xb = jnp.pad(xc, ((0, pad), (0, 0))).reshape(nb, block, d)
+    xxb = jnp.pad(xx, (0, pad)).reshape(nb, block)
+    ohb = jnp.pad(onehot, ((0, pad), (0, 0))).reshape(nb, block, n_labels)  # padded rows are 0
+    bi, bj = np.triu_indices(nb)
+    eye = jnp.eye(block, dtype=bool)
 
-    def row_block(args):
-        xr, xxr, idx = args  # [B, D], [B], [B]
-        d2 = xxr[:, None] - 2.0 * (xr @ xc.T) + xx[None, :]  # [B, N]
+    def pair(acc, ij):
+        i, j = ij
+        xi, xj = xb[i], xb[j]
+        d2 = xxb[i][:, None] - 2.0 * (xi @ xj.T) + xxb[j][None, :]  # [B, B]
         dist = jnp.sqrt(jnp.maximum(d2, 0.0))
-        dist = jnp.where(idx[:, None] == jnp.arange(n)[None, :], 0.0, dist)
-        return dist @ onehot  # [B, K] sum of distances to each cluster (padded columns are 0)
+        dist = jnp.where(eye & (i == j), 0.0, dist)  # self-distance exactly 0
+        acc = acc.at[i].add(dist @ ohb[j])
+        off = (i != j).astype(dist.dtype)  # the diagonal block is already symmetric
+        acc = acc.at[j].add(off * jnp.einsum("ab,ak->bk", dist, ohb[i]))
+        return acc, None
 
-    sums = jax.lax.map(row_block, (xb, xxb, ib)).reshape(-1, n_labels)[:n]  # [N, K]
+    acc0 = jnp.zeros((nb, block, n_labels), jnp.float32)
+    acc, _ = jax.lax.scan(pair, acc0, (jnp.asarray(bi, jnp.int32), jnp.asarray(bj, jnp.int32)))
+    sums = acc.reshape(-1, n_labels)[:n]  # [N, K] sum of distances to each cluster
 
     own = jax.nn.one_hot(labels, n_labels, dtype=bool)
     own_count = jnp.sum(jnp.where(own, counts[None, :], 0.0), -1)

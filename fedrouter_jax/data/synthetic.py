@@ -375,7 +375,8 @@ def _samsum(rng: random.Random) -> tuple[str, str]:
         lines += [
             (a, _turns(rng, ("Hi {b}, are you free on {day}?", "Hey {b}! Any plans for {day}?",
                              "{b}, do you have time on {day}?"), b=b, day=day)),
-            (b, _turns(rng, ("Yes, why?", "I think so. What's up?", "Sure, what do you have in mind?"))),
+            (b, _turns(rng, ("Yes, why?", "I think so. What's up?",
+                             "Sure, what do you have in mind?"))),
             (a, _turns(rng, ("Let's meet at the {place} at {time}.",
                              "Maybe the {place} at {time}?", "How about the {place}, {time}?"),
                        place=place, time=time)),
@@ -398,7 +399,8 @@ def _samsum(rng: random.Random) -> tuple[str, str]:
         summary = f"{a} will be {n} minutes late because of {reason}."
     elif frame == "borrow":
         lines += [
-            (a, _turns(rng, ("{b}, can I borrow your {obj}?", "Hi {b}! Could you lend me your {obj}?",
+            (a, _turns(rng, ("{b}, can I borrow your {obj}?",
+                             "Hi {b}! Could you lend me your {obj}?",
                              "{b} do you still have that {obj}? I need it."), b=b, obj=obj)),
             (b, _turns(rng, ("Sure, when do you need it?", "Yes of course. When?"))),
             (a, _turns(rng, ("On {day} if possible.", "{day} would be ideal."), day=day)),
@@ -419,7 +421,8 @@ def _samsum(rng: random.Random) -> tuple[str, str]:
         summary = f"{b} will buy {food} for {a} on the way home."
     elif frame == "gift":
         lines += [
-            (a, _turns(rng, ("{b}, it's {c}'s birthday on {day}!", "Don't forget {c}'s birthday on {day}, {b}."),
+            (a, _turns(rng, ("{b}, it's {c}'s birthday on {day}!",
+                             "Don't forget {c}'s birthday on {day}, {b}."),
                        b=b, c=c, day=day)),
             (b, _turns(rng, ("Oh right! What should we get?", "I forgot. Any gift ideas?"))),
             (a, _turns(rng, ("Maybe {a_obj}?", "What about {a_obj}?", "{c} wanted {a_obj}."),
@@ -433,14 +436,16 @@ def _samsum(rng: random.Random) -> tuple[str, str]:
                              "{b} did I leave my {obj} with you?"), b=b, obj=obj)),
             (b, _turns(rng, ("You left it at the {place}.", "Yes, it was at the {place}."),
                        place=place)),
-            (a, _turns(rng, ("Phew! Can you keep it until {day}?", "Thank god. I'll get it on {day}."),
+            (a, _turns(rng, ("Phew! Can you keep it until {day}?",
+                             "Thank god. I'll get it on {day}."),
                        day=day)),
             (b, _turns(rng, ("Sure, see you on {day}.", "No problem."), day=day)),
         ]
         summary = f"{a} left the {obj} at the {place} and {b} will keep it until {day}."
     else:  # dinner
         lines += [
-            (a, _turns(rng, ("{b}, come over for dinner on {day}?", "Hi {b}, dinner at my place on {day}?"),
+            (a, _turns(rng, ("{b}, come over for dinner on {day}?",
+                             "Hi {b}, dinner at my place on {day}?"),
                        b=b, day=day)),
             (b, _turns(rng, ("I'd love to! What are you cooking?", "Yes! What's on the menu?"))),
             (a, _turns(rng, ("{food}! Be there at {time}.", "I'm making {food}. Come at {time}."),
@@ -464,30 +469,38 @@ def _gigaword(rng: random.Random) -> tuple[str, str]:
     if frame == "buy":
         org2, amount = _other(rng, ORGS, org), rng.randrange(2, 101) * 10
         doc = rng.choice((
-            "{org} said on {day} it had agreed to buy {org2} for {amount} million dollars, in a deal that will expand its business in {city}.",
-            "In a deal announced on {day}, {org} will pay {amount} million dollars to buy {org2}, which employs hundreds of people in {city}.",
-            "{org2} has accepted an offer of {amount} million dollars from {org}, the two companies said on {day} in {city}.",
+            "{org} said on {day} it had agreed to buy {org2} for {amount} million dollars, in "
+            "a deal that will expand its business in {city}.",
+            "In a deal announced on {day}, {org} will pay {amount} million dollars to buy "
+            "{org2}, which employs hundreds of people in {city}.",
+            "{org2} has accepted an offer of {amount} million dollars from {org}, the two "
+            "companies said on {day} in {city}.",
         )).format(org=org, org2=org2, day=day, amount=amount, city=city)
         head = f"{org} to buy {org2} for {amount} million dollars"
     elif frame == "appoint":
         person, job = _person(rng), rng.choice(JOBS)
         doc = rng.choice((
-            "{org} on {day} named {person}, a former {job} from {city}, as its new chief executive, the company said.",
-            "{person}, who worked as {a_job} in {city}, will become the new chief executive of {org}, the company said on {day}.",
+            "{org} on {day} named {person}, a former {job} from {city}, as its new chief "
+            "executive, the company said.",
+            "{person}, who worked as {a_job} in {city}, will become the new chief executive of "
+            "{org}, the company said on {day}.",
         )).format(org=org, day=day, person=person, job=job, a_job=a_an(job), city=city)
         head = f"{org} names {person} new chief executive"
     elif frame == "factory":
         n = rng.randrange(1, 60) * 50
         doc = rng.choice((
-            "{org} will open a new factory in {city} next year, creating about {n} jobs, officials said on {day}.",
-            "About {n} new jobs will be created in {city} when {org} opens a factory there next year, the mayor said on {day}.",
+            "{org} will open a new factory in {city} next year, creating about {n} jobs, "
+            "officials said on {day}.",
+            "About {n} new jobs will be created in {city} when {org} opens a factory there "
+            "next year, the mayor said on {day}.",
         )).format(org=org, city=city, n=n, day=day)
         head = f"{org} to open factory in {city}"
     elif frame == "storm":
         n = rng.randrange(2, 80)
         doc = rng.choice((
             "At least {n} people were killed when a storm hit {city} on {day}, local police said.",
-            "A powerful storm that hit {city} on {day} has killed at least {n} people, officials said, as rescue teams searched for survivors.",
+            "A powerful storm that hit {city} on {day} has killed at least {n} people, "
+            "officials said, as rescue teams searched for survivors.",
         )).format(n=n, city=city, day=day)
         head = f"storm kills {n} in {city}"
     elif frame == "match":
@@ -498,7 +511,8 @@ def _gigaword(rng: random.Random) -> tuple[str, str]:
         g1 = rng.randrange(g2 + 1, 7)  # the first-named team wins
         person = _person(rng)
         doc = rng.choice((
-            "{t1} beat {t2} {g1}-{g2} on {day} to move to the top of the league, with {person} scoring twice.",
+            "{t1} beat {t2} {g1}-{g2} on {day} to move to the top of the league, with {person} "
+            "scoring twice.",
             "{person} scored twice as {t1} beat {t2} {g1}-{g2} in front of a home crowd on {day}.",
         )).format(t1=t1, t2=t2, g1=g1, g2=g2, day=day, person=person)
         head = f"{t1} beat {t2} {g1}-{g2}"
@@ -506,21 +520,27 @@ def _gigaword(rng: random.Random) -> tuple[str, str]:
         country, goods = rng.choice(COUNTRIES), rng.choice(GOODS)
         n, month, k = rng.randrange(2, 31), rng.choice(MONTHS), rng.randrange(2, 21)
         doc = rng.choice((
-            "The price of {goods} in {country} rose by {n} percent in {month}, the highest rise in {k} years, the statistics office said on {day}.",
-            "Shoppers in {country} paid {n} percent more for {goods} in {month} than a year earlier, official figures showed on {day}.",
+            "The price of {goods} in {country} rose by {n} percent in {month}, the highest "
+            "rise in {k} years, the statistics office said on {day}.",
+            "Shoppers in {country} paid {n} percent more for {goods} in {month} than a year "
+            "earlier, official figures showed on {day}.",
         )).format(goods=goods, country=country, n=n, month=month, k=k, day=day)
         head = f"{goods} prices in {country} rise {n} percent"
     elif frame == "strike":
         doc = rng.choice((
-            "Workers at {org} in {city} went on strike on {day} demanding higher pay, a union leader said.",
-            "Hundreds of {org} workers in {city} stopped work on {day} in a dispute over pay, the union said.",
+            "Workers at {org} in {city} went on strike on {day} demanding higher pay, a union "
+            "leader said.",
+            "Hundreds of {org} workers in {city} stopped work on {day} in a dispute over pay, "
+            "the union said.",
         )).format(org=org, city=city, day=day)
         head = f"{org} workers strike in {city}"
     else:  # visit
         c2, person = _other(rng, CITIES, city), _person(rng)
         doc = rng.choice((
-            "{person}, the mayor of {city}, will visit {c2} next week to discuss trade and tourism, a spokesman said on {day}.",
-            "The mayor of {city}, {person}, is expected in {c2} next week for talks on trade and tourism, officials said on {day}.",
+            "{person}, the mayor of {city}, will visit {c2} next week to discuss trade and "
+            "tourism, a spokesman said on {day}.",
+            "The mayor of {city}, {person}, is expected in {c2} next week for talks on trade "
+            "and tourism, officials said on {day}.",
         )).format(person=person, city=city, c2=c2, day=day)
         head = f"{city} mayor to visit {c2}"
     return doc, head
@@ -633,7 +653,8 @@ def _describe_person(rng: random.Random) -> str:
     first = p.split()[0]
     return rng.choice((
         "{p} is {a_job} who lives in {city}. {first} likes {food} and wants to learn to {act}.",
-        "{p} grew up in {city} and now works for {org}. On {day}s {first} usually goes to the {place}.",
+        "{p} grew up in {city} and now works for {org}. On {day}s {first} usually goes to the "
+        "{place}.",
         "{first} {last} has {a_obj} and often takes it to the {place} in {city}.",
     )).format(p=p, first=first, last=p.split()[1], a_job=a_an(rng.choice(JOBS)),
               city=rng.choice(CITIES), food=rng.choice(FOODS), act=rng.choice(ACTIVITIES),

@@ -30,7 +30,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequen
       ``transformers.PreTrainedTokenizerFast`` with bos/eos/pad set; ``len(tok) <= vocab_size``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -66,8 +65,11 @@ def save_tokenizer(tokenizer, directory: str | Path) -> Path:
 
 
 def load_tokenizer(directory: str | Path):
-    """Load a tokenizer saved by :func:`save_tokenizer` (or any HF tokenizer dir) via
-    ``AutoTokenizer``; raises ``FileNotFoundError`` naming the directory if it is missing."""
+    """Load a tokenizer saved by :func:`save_tokenizer` via ``AutoTokenizer``.
+
+    Any HF tokenizer directory works if it defines bos, eos and pad tokens (batching needs all
+    three; a stock Llama tokenizer has no pad: set one before use). Raises
+    ``FileNotFoundError`` naming the directory if it holds no tokenizer."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)

@@ -1,0 +1,123 @@
+"""Benchmark: fedrouter_jax.clustering vs scikit-learn on the same problems, in one run.
+
+Timings alternate ours / sklearn, after one warm-up call of each (JIT compile excluded), and the
+median of ``--repeats`` is reported. Same initial centroids for both K-Means
+(``KMeans(init=same, n_init=1, tol=same, algorithm="lloyd")``), so the results must agree:
+we print iterations and the inertia's relative difference.
+
+  python experiments/bench/bench_clustering.py            # 20k x 2048, 100k x 2048, C = 8/32/128
+  python experiments/bench/bench_clustering.py --small    # seconds: 2k x 64 problems
+
+Silhouette is O(N^2 D): at 100k x 2048 sklearn needs ~10+ minutes on 2 cores, so it is only run
+there with ``--silhouette-big``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score as sk_silhouette
+
+from fedrouter_jax.clustering import batched_kmeans, kmeans, silhouette_score
+
+K_SINGLE = 8
+K_CLIENT = 4
+
+
+def _mixture(rng, n, d, k, std):
+    """n points around k standard-normal centres with isotropic noise std. -> float32 [n, d]."""
+    centres = rng.standard_normal((k, d), dtype=np.float32)
+    x = centres[rng.integers(0, k, n)]
+    x += std * rng.standard_normal((n, d), dtype=np.float32)
+    return x
+
+
+def _alternate(fns, repeats):
+    """Warm up every fn, then time them alternately. -> (median seconds per fn, last outputs)."""
+    outs = [f() for f in fns]
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = f()
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times], outs
+
+
+def _sk_kmeans(x, init, tol, max_iter):
+    return KMeans(init.shape[0], init=init, n_init=1, tol=tol, max_iter=max_iter,
+                  algorithm="lloyd").fit(x)
+
+
+def bench_single(n, d, repeats, silhouette, rng, tol=1e-4, max_iter=300):
+    x = _mixture(rng, n, d, K_SINGLE, std=8.0)
+    init = x[rng.choice(n, K_SINGLE, replace=False)]
+    ours = lambda: jax.block_until_ready(kmeans(x, K_SINGLE, init=init, tol=tol,
+                                                max_iter=max_iter))
+    ref = lambda: _sk_kmeans(x, init, tol, max_iter)
+    (t_o, t_r), (r_o, r_r) = _alternate([ours, ref], repeats)
+    agree = float(np.mean(np.asarray(r_o.labels) == r_r.labels_))
+    rel = abs(float(r_o.inertia) - r_r.inertia_) / r_r.inertia_
+    print(f"kmeans      {n:>7d} x {d}: ours {t_o:8.3f} s  sklearn {t_r:8.3f} s  "
+          f"speed-up {t_r / t_o:5.2f}x  n_iter {int(r_o.n_iter)}/{r_r.n_iter_}  "
+          f"inertia rel.diff {rel:.1e}  labels agree {agree:.4f}", flush=True)
+    if not silhouette:
+        print(f"silhouette  {n:>7d} x {d}: skipped (O(N^2 D); --silhouette-big runs it)")
+        return
+    labels = r_r.labels_
+    s_o = lambda: silhouette_score(x, labels)
+    s_r = lambda: sk_silhouette(x, labels)
+    (t_o, t_r), (v_o, v_r) = _alternate([s_o, s_r], max(1, repeats // 2))
+    print(f"silhouette  {n:>7d} x {d}: ours {t_o:8.3f} s  sklearn {t_r:8.3f} s  "
+          f"speed-up {t_r / t_o:5.2f}x  |diff| {abs(v_o - v_r):.1e}", flush=True)
+
+
+def bench_clients(c, n, d, repeats, rng, tol=1e-4, max_iter=300):
+    x = np.stack([_mixture(rng, n, d, K_CLIENT, std=1.5) for _ in range(c)])
+    init = np.stack([x[i, rng.choice(n, K_CLIENT, replace=False)] for i in range(c)])
+    mask = np.ones((c, n), bool)
+    ours = lambda: jax.block_until_ready(batched_kmeans(x, mask, K_CLIENT, init=init, tol=tol,
+                                                        max_iter=max_iter))
+    ref = lambda: [_sk_kmeans(x[i], init[i], tol, max_iter) for i in range(c)]
+    (t_o, t_r), (r_o, r_r) = _alternate([ours, ref], repeats)
+    it_o = np.asarray(r_o.n_iter)
+    it_r = np.array([m.n_iter_ for m in r_r])
+    in_r = np.array([m.inertia_ for m in r_r])
+    rel = float(np.max(np.abs(np.asarray(r_o.inertia) - in_r) / in_r))
+    agree = float(np.mean(np.asarray(r_o.labels) == np.stack([m.labels_ for m in r_r])))
+    print(f"clients C={c:>4d} ({n} x {d} each): ours {t_o:7.3f} s (one call)  sklearn loop "
+          f"{t_r:7.3f} s  speed-up {t_r / t_o:5.2f}x  n_iter mean {it_o.mean():.2f}/"
+          f"{it_r.mean():.2f} (equal {np.mean(it_o == it_r):.2f})  max inertia rel.diff "
+          f"{rel:.1e}  labels agree {agree:.4f}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="fast smoke mode (2k x 64 problems)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    p.add_argument("--silhouette-big", action="store_true",
+                   help="also run Silhouette on the 100k problem (very slow for sklearn)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rng = np.random.default_rng(a.seed)
+    if a.small:
+        singles, clients, repeats = [(2000, 64, True)], [(8, 200, 64), (32, 200, 64)], 2
+    else:
+        singles = [(20000, 2048, True), (100000, 2048, a.silhouette_big)]
+        clients = [(8, 600, 2048), (32, 600, 2048), (128, 600, 2048)]
+        repeats = 5
+    repeats = a.repeats or repeats
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {repeats} "
+          f"alternating repeats after warm-up; K={K_SINGLE} (single), K={K_CLIENT} (clients)")
+    for n, d, sil in singles:
+        bench_single(n, d, repeats, sil, rng)
+    for c, n, d in clients:
+        bench_clients(c, n, d, repeats, rng)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The Python round loop: data, embeddings, one compiled round step per round, metrics, checkpoints.
+
+Only this module (and the CLI) knows about files, progress bars and checkpoints. Each round:
+  plan (server, host) -> batches (host, stateless in (seed, round)) -> ONE jitted client-mapped
+  local-training call -> NaN/Inf check -> aggregate (server, jitted) -> metrics.jsonl -> checkpoint.
+A crash at any point leaves the last complete checkpoint; `resume` continues bit-exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrouter_jax.algorithms.base import Context, EvalPlan, get_algorithm
+from fedrouter_jax.checkpoint import CheckpointStore
+from fedrouter_jax.clustering import clustering_accuracy
+from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
+from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks,
+                                tokenize_examples, sample_round_batches)
+from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
+from fedrouter_jax.metrics import rouge1
+from fedrouter_jax.models.hf_io import load_pretrained
+from fedrouter_jax.routing import generate_routed
+from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
+from fedrouter_jax.training import (Batch, clients_local_steps, init_opt_states, make_optimizer,
+                                    round_learning_rate, set_learning_rate)
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss, gradient or adapter after local training (nothing is aggregated or saved)."""
+
+
+@dataclasses.dataclass
+class RunData:
+    """Everything a run derives from its config before round 1 (host side)."""
+
+    cfg: FedRouterConfig
+    model_dir: Path
+    tokenizer: object
+    model_cfg: object
+    base: dict
+    fed: object  # data.FederatedData (true task labels: metrics only)
+    train_sets: list
+    test_prompts: list
+    ctx: Context
+
+
+def model_directory(cfg: FedRouterConfig) -> Path:
+    if cfg.model.path == "embedded":
+        from fedrouter_jax.assets import embedded_model_dir
+
+        return embedded_model_dir()
+    return Path(cfg.model.path)
+
+
+def load_model_tokenizer(model_dir: Path):
+    """`AutoTokenizer` from the model directory. Llama-3 ships no pad token: use EOS (pad
+    positions are masked everywhere, so the choice never reaches the loss or the attention)."""
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json / tokenizer_config.json next to the model")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.bos_token_id is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no BOS token")
+    return tok
+
+
+def _embed_clients(cfg, model_dir, tok, model_cfg, base, per_client_examples, what: str, progress: bool):
+    """Base-model embeddings of each client's raw task inputs, cached on disk."""
+    from fedrouter_jax.data import input_texts
+
+    fp_model = file_fingerprint(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"])
+    fp_tok = file_fingerprint([p for p in (model_dir / "tokenizer.json",) if p.exists()])
+    out = []
+    for c, examples in enumerate(per_client_examples):
+        texts = input_texts(examples)
+        key = cache_key(fp_model + cfg.model.dtype, texts, cfg.model.embed_max_tokens, fp_tok)
+
+        def compute():
+            tokens, mask = encode_inputs(examples, tok, cfg.model.embed_max_tokens)
+            return embed_tokens(base, model_cfg, tokens, mask, batch_size=cfg.eval.batch_size)
+
+        out.append(cached_embeddings(key, compute))
+    return out
+
+
+def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
+    """Model, tokenizer, scenario data, token arrays and embeddings for a config."""
+    model_dir = model_directory(cfg)
+    dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+    model_cfg, base = load_pretrained(model_dir, dtype)
+    tok = load_model_tokenizer(model_dir)
+    d = cfg.data
+    source = "synthetic" if d.source == "synthetic" else load_real_tasks(d.hf_dir)
+    fed = build_scenario(d.scenario, n_clients=d.n_clients, train_per_client=d.train_per_client,
+                         test_per_client=d.test_per_client, seed=cfg.seed, source=source,
+                         dirichlet_alpha=d.dirichlet_alpha)
+    empty = [c for c in range(fed.n_clients) if len(fed.train[c]) == 0]
+    if empty:
+        raise ValueError(f"data: client {empty[0]} has no training samples (scenario {d.scenario})")
+    train_sets = [tokenize_examples(ex, tok, cfg.model.max_seq_len, warn=False) for ex in fed.train]
+    prompt_len = cfg.model.max_seq_len - cfg.eval.max_new_tokens
+    test_prompts = [encode_prompts(ex, tok, prompt_len, warn=False)[:2] for ex in fed.test]
+    cut = sum(ts.report.prompts_cut for ts in train_sets)
+    rcut = sum(ts.report.responses_cut for ts in train_sets)
+    if cut or rcut:
+        print(f"[data] truncated to max_seq_len={cfg.model.max_seq_len}: {cut} prompts cut from the left, "
+              f"{rcut} responses cut (raise model.max_seq_len to avoid)")
+    train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train, "train", progress)
+    test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test, "test", progress)
+    ctx = Context(config=cfg, model_cfg=model_cfg, n_clients=fed.n_clients,
+                  train_sizes=np.array([len(t) for t in fed.train]), train_emb=train_emb, test_emb=test_emb)
+    return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts, ctx)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(data: RunData, plan: EvalPlan, *, progress: bool = True) -> dict:
+    """Greedy-decode every client's test set with the routed adapters; ROUGE-1 per client/task.
+
+    Also the clustering accuracy of the local routing against the true task labels (metrics only).
+    """
+    cfg, tok, fed = data.cfg, data.tokenizer, data.fed
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(t) for t in fed.test), desc="eval", unit="sample", leave=False)
+    gens = generate_routed(
+        data.base, data.model_cfg, plan, data.test_prompts, batching=cfg.eval.batching,
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, progress=bar.update if bar else None,
+    )
+    if bar:
+        bar.close()
+    per_client, per_task_scores, samples = [], {t: [] for t in fed.task_names}, []
+    for c, g in enumerate(gens):
+        preds = [s.strip() for s in tok.batch_decode([x.tolist() for x in g], skip_special_tokens=True)]
+        refs = [ex["output"] for ex in fed.test[c]]
+        scores = rouge1(preds, refs) if preds else np.zeros(0)
+        per_client.append(float(scores.mean()) if scores.size else float("nan"))
+        for t_idx, s in zip(fed.test_tasks[c], scores):
+            per_task_scores[fed.task_names[t_idx]].append(float(s))
+        for i in range(min(2, len(preds))):
+            samples.append({"client": c, "task": fed.test[c][i]["task"], "prediction": preds[i], "reference": refs[i],
+                            "adapter": int(np.asarray(plan.adapter_ids[c])[i])})
+    all_scores = [s for v in per_task_scores.values() for s in v]
+    result = {
+        "rouge1": float(np.mean(all_scores)) if all_scores else float("nan"),
+        "per_client": per_client,
+        "per_task": {t: (float(np.mean(v)) if v else None) for t, v in per_task_scores.items()},
+        "samples": samples,
+    }
+    if "test_local_labels" in plan.log:
+        accs = [clustering_accuracy(fed.test_tasks[c], plan.log["test_local_labels"][c]) for c in range(fed.n_clients)]
+        result["clustering_accuracy"] = float(np.mean(accs))
+        result["clustering_accuracy_per_client"] = [float(a) for a in accs]
+    return result
+
+
+def base_plan(data: RunData) -> EvalPlan:
+    return EvalPlan(adapters=None, adapter_ids=[np.full(len(t), -1) for t in data.fed.test])
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def _check_finite(round_idx: int, plan, metrics, trained) -> None:
+    loss = np.asarray(metrics["loss"])
+    gnorm = np.asarray(metrics["grad_norm"])
+    bad_slots = np.flatnonzero(~(np.isfinite(loss).all(1) & np.isfinite(gnorm).all(1)))
+    leaf_ok = [np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(trained)]
+    bad_slots = np.union1d(bad_slots, np.flatnonzero(~np.logical_and.reduce(leaf_ok)))
+    if bad_slots.size:
+        clients = sorted({int(plan.slot_client[j]) for j in bad_slots})
+        raise NonFiniteError(
+            f"round {round_idx + 1}: non-finite loss/gradient/adapter for client(s) {clients} "
+            f"(slots {bad_slots.tolist()}); nothing was aggregated or checkpointed. "
+            "Lower train.lr or check the data of these clients."
+        )
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+class Run:
+    """One federated run of `cfg.method`, resumable from `cfg.out_dir/checkpoints`."""
+
+    def __init__(self, cfg: FedRouterConfig, *, data: Optional[RunData] = None, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.out_dir)
+        self.data = data or prepare(cfg, progress)
+        self.algo = get_algorithm(cfg.method)
+        self.optimizer = make_optimizer(cfg.train.weight_decay)
+        self.mesh = client_mesh(cfg.train.client_mesh_devices)
+        self.base = replicate(self.data.base, self.mesh)
+        self.key = jax.random.PRNGKey(cfg.seed)
+
+    # -- state -------------------------------------------------------------------------------
+    def _initial(self):
+        state = self.algo.init(self.data.ctx, jax.random.fold_in(self.key, 0))
+        return jax.tree.map(np.asarray, state), None, []
+
+    def _restore(self, store: CheckpointStore, step: int):
+        tree, extra = store.restore(step)
+        state = tree["state"]
+        opt_leaves = [tree["opt"][k] for k in sorted(tree["opt"], key=int)] if tree.get("opt") else None
+        return state, opt_leaves, extra["history"]
+
+    def run(self, *, stop_after_round: Optional[int] = None) -> dict:
+        cfg, data = self.cfg, self.data
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep)
+        step = store.latest_step()
+        if step is None:
+            state, opt_leaves, history = self._initial()
+            start = 0
+        else:
+            state, opt_leaves, history = self._restore(store, step)
+            start = step
+            print(f"[resume] from the complete checkpoint of round {step} in {store.directory if hasattr(store, 'directory') else self.out}")
+        _write_jsonl(self.out / "metrics.jsonl", history)
+        rounds = cfg.train.rounds
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=rounds, initial=start, desc=f"{cfg.method} rounds", unit="round")
+        opt_states = None
+        for r in range(start, rounds):
+            t0 = time.perf_counter()
+            plan = self.algo.plan(data.ctx, state, r)
+            j = len(plan.slot_client)
+            lr = round_learning_rate(r, rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
+            fresh = init_opt_states(self.optimizer, plan.start, lr)
+            if cfg.train.reset_optimizer_each_round or (opt_states is None and opt_leaves is None):
+                opt_states = fresh
+            else:  # carry each slot's moments across rounds
+                if opt_states is None:
+                    opt_states = jax.tree.unflatten(jax.tree.structure(fresh), [jnp.asarray(x) for x in opt_leaves])
+                opt_states = set_learning_rate(opt_states, lr)
+            b = sample_round_batches([data.train_sets[c] for c in plan.slot_client], plan.pools,
+                                     steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+                                     seed=cfg.seed, round_idx=r)
+            batches = Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
+            keys = jax.random.split(jax.random.fold_in(self.key, r + 1), j)
+            args = shard_clients((plan.start, opt_states, batches, keys, plan.frozen), self.mesh)
+            trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg, optimizer=self.optimizer)
+            _check_finite(r, plan, metrics, trained)
+            state = self.algo.aggregate(data.ctx, state, plan, trained, r)
+            state = jax.tree.map(np.asarray, state)
+            loss = np.asarray(metrics["loss"])
+            rec = {"round": r + 1, "lr": lr, "train_loss": float(loss[:, -1].mean()),
+                   "train_loss_first_step": float(loss[:, 0].mean()),
+                   "loss_per_slot": loss[:, -1].round(5).tolist(), "time_s": round(time.perf_counter() - t0, 3),
+                   **({"plan": plan.log} if plan.log else {})}
+            if cfg.eval.every and (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
+                ev = evaluate(data, self.algo.route(data.ctx, state, cfg.eval.router), progress=self.progress)
+                rec["eval"] = {k: ev[k] for k in ("rouge1", "per_client", "per_task") if k in ev}
+            history.append(rec)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            last = r + 1 == rounds
+            if cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
+                opt_tree = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_states))}
+                store.save(r + 1, {"state": state, "opt": opt_tree}, {"history": history, "config": config_to_dict(cfg)})
+            if bar:
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
+                bar.update(1)
+            if stop_after_round is not None and r + 1 >= stop_after_round:
+                break
+        if bar:
+            bar.close()
+        self.state = state
+        return {"state": state, "history": history}
+
+    def final_evaluation(self) -> dict:
+        """Score the trained method (configured router + extra modes) and, optionally, the base."""
+        cfg, data = self.cfg, self.data
+        results = {"method": cfg.method, "scenario": cfg.data.scenario, "seed": cfg.seed}
+        modes = [cfg.eval.router] + [m for m in cfg.eval.router_modes if m != cfg.eval.router]
+        for mode in modes:
+            results[mode] = evaluate(data, self.algo.route(data.ctx, self.state, mode), progress=self.progress)
+        results["router"] = cfg.eval.router
+        results["rouge1"] = results[cfg.eval.router]["rouge1"]
+        if cfg.eval.include_base:
+            results["base"] = evaluate(data, base_plan(data), progress=self.progress)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        return results
+
+
+def format_table(results: dict, task_names) -> str:
+    """Per-task and per-client ROUGE-1 of the method (and the base model if scored)."""
+    mode = results["router"]
+    m = results[mode]
+    rows = [("method", m)] + ([("base", results["base"])] if "base" in results else [])
+    lines = [f"ROUGE-1 — {results['method']} ({results['scenario']}, router: {mode})", ""]
+    head = f"{'':10s}" + "".join(f"{t:>10s}" for t in task_names) + f"{'overall':>10s}"
+    lines += ["per task", head]
+    for name, r in rows:
+        cells = "".join(f"{(r['per_task'][t] if r['per_task'][t] is not None else float('nan')):>10.3f}" for t in task_names)
+        lines.append(f"{(results['method'] if name == 'method' else 'base'):10s}{cells}{r['rouge1']:>10.3f}")
+    n = len(m["per_client"])
+    lines += ["", "per client", f"{'':10s}" + "".join(f"{'c' + str(c):>8s}" for c in range(n))]
+    for name, r in rows:
+        lines.append(f"{(results['method'] if name == 'method' else 'base'):10s}" + "".join(f"{v:>8.3f}" for v in r["per_client"]))
+    if "clustering_accuracy" in m:
+        lines += ["", f"local clustering accuracy (test, vs true tasks): {100 * m['clustering_accuracy']:.1f} %"]
+    return "\n".join(lines)
+
+
+def run_from_config(path_or_cfg, overrides=(), *, progress: bool = True, fresh: bool = False) -> dict:
+    """Load a config, run (resuming if a complete checkpoint exists), evaluate, print the table."""
+    cfg = path_or_cfg if isinstance(path_or_cfg, FedRouterConfig) else load_config(path_or_cfg, overrides)
+    out = Path(cfg.out_dir)
+    saved = out / "config.yaml"
+    if saved.exists() and not fresh:
+        if config_to_dict(load_config(saved)) != config_to_dict(cfg):
+            raise ValueError(
+                f"{out} holds a run with a different config ({saved}); pass --fresh to start over "
+                "there or choose another out_dir"
+            )
+    if fresh and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    run = Run(cfg, progress=progress)
+    run.run()
+    results = run.final_evaluation()
+    print(format_table(results, run.data.fed.task_names))
+    return results

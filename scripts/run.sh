@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's main job: FedRouter on the embedded default (All scenario, 8 clients), offline on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/fedrouter-jax run --config configs/default.yaml "$@"
