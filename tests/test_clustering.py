@@ -53,7 +53,7 @@ def _datasets():
     return [(name, x, k, x[rng.choice(len(x), k, replace=False)]) for name, x, k in out]
 
 
-@pytest.mark.parametrize("name,x,k,init", _datasets(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,x,k,init", _datasets(), ids=["blobs", "aniso", "highdim256"])
 def test_kmeans_matches_sklearn_from_same_init(name, x, k, init):
     ref = KMeans(k, init=init.astype(np.float64), n_init=1, tol=1e-4, max_iter=300,
                  algorithm="lloyd").fit(x.astype(np.float64))
@@ -100,6 +100,24 @@ def test_empty_cluster_repair():
     assert abs(int(res.n_iter) - ref.n_iter_) <= 1
 
 
+def test_kmeans_row_blocks(monkeypatch):
+    # Large data sets run the Lloyd step over row blocks (lax.scan); force it on a small one.
+    # N = 777 is used by no other test, so the monkeypatched block size is what gets traced.
+    km = importlib.import_module("fedrouter_jax.clustering.kmeans")
+    monkeypatch.setattr(km, "_ONE_BLOCK_BYTES", 0)
+    monkeypatch.setattr(km, "_BLOCK_BYTES", 100 * 4 * 8)  # 100 rows: 8 blocks, last one padded
+    assert km._block_rows(777, 8) == 100
+    x, _ = _blobs(777, 8, 4, std=2.0, seed=8)
+    init = np.concatenate([x[:3], np.full((1, 8), 1e3, np.float32)])  # one empty cluster
+    ref = KMeans(4, init=init.astype(np.float64), n_init=1, algorithm="lloyd").fit(
+        x.astype(np.float64))
+    res = kmeans(x, 4, init=init)
+    np.testing.assert_array_equal(np.asarray(res.labels), ref.labels_)
+    np.testing.assert_allclose(float(res.inertia), ref.inertia_, rtol=1e-4)
+    assert abs(int(res.n_iter) - ref.n_iter_) <= 1
+    assert float(kmeans(x, 4, n_init=2).inertia) <= ref.inertia_ * (1 + 1e-3)
+
+
 def _padded_clients():
     """3 clients of 150 / 200 / 120 samples (padded to 200), k = 3 / 2 / 4, D = 16."""
     sizes, ks = [150, 200, 120], [3, 2, 4]
@@ -120,28 +138,32 @@ def test_batched_equals_per_client():
     init = np.zeros((3, 4, 16), np.float32)
     for c, (n, k) in enumerate(zip(sizes, ks)):
         init[c, :k] = x[c, rng.choice(n, k, replace=False)]
+    res = batched_kmeans(x, mask, ks, k_max=4, init=init)
+    assert res.centroids.shape == (3, 4, 16) and res.labels.shape == (3, 200)
+    np.testing.assert_array_equal(np.asarray(res.centroid_mask), np.arange(4) < ks[:, None])
+    for c, (n, k) in enumerate(zip(sizes, ks)):
+        _assert_same_client(res, c, n, k, kmeans(x[c, :n], int(k), init=init[c, :k]))
+    # k-means++ with restarts: client c seeded with seeds[c] == kmeans(seed=seeds[c]); one
+    # client is enough (each per-client reference call compiles for its own N and k)
     seeds = np.array([7, 8, 9])
-    for kw in [dict(init=init), dict(seed=seeds, n_init=3)]:
-        res = batched_kmeans(x, mask, ks, k_max=4, **kw)
-        assert res.centroids.shape == (3, 4, 16) and res.labels.shape == (3, 200)
-        np.testing.assert_array_equal(np.asarray(res.centroid_mask), np.arange(4) < ks[:, None])
-        for c, (n, k) in enumerate(zip(sizes, ks)):
-            kw1 = dict(init=init[c, :k]) if "init" in kw else dict(seed=int(seeds[c]), n_init=3)
-            one = kmeans(x[c, :n], int(k), **kw1)
-            lab = np.asarray(res.labels[c])
-            np.testing.assert_array_equal(lab[:n], np.asarray(one.labels))
-            assert (lab[n:] == -1).all() and lab[:n].max() < k
-            np.testing.assert_allclose(float(res.inertia[c]), float(one.inertia), rtol=1e-5)
-            assert int(res.n_iter[c]) == int(one.n_iter)
-            np.testing.assert_allclose(np.asarray(res.centroids[c, :k]),
-                                       np.asarray(one.centroids), rtol=1e-5, atol=1e-4)
-            assert (np.asarray(res.centroids[c, k:]) == 0).all()
-    # vmapped groups of clients (frozen once converged) give the same result
-    res2 = batched_kmeans(x, mask, ks, k_max=4, init=init, client_batch_size=3)
-    np.testing.assert_array_equal(np.asarray(res2.labels), np.asarray(
-        batched_kmeans(x, mask, ks, k_max=4, init=init).labels))
-    np.testing.assert_array_equal(np.asarray(res2.n_iter), np.asarray(
-        batched_kmeans(x, mask, ks, k_max=4, init=init).n_iter))
+    res_pp = batched_kmeans(x, mask, ks, k_max=4, seed=seeds, n_init=3)
+    _assert_same_client(res_pp, 0, sizes[0], ks[0], kmeans(x[0, :150], 3, seed=7, n_init=3))
+    # vmapped groups of clients (a converged client is frozen) give the same result
+    res_v = batched_kmeans(x, mask, ks, k_max=4, init=init, client_batch_size=3)
+    np.testing.assert_array_equal(np.asarray(res_v.labels), np.asarray(res.labels))
+    np.testing.assert_array_equal(np.asarray(res_v.n_iter), np.asarray(res.n_iter))
+    np.testing.assert_allclose(np.asarray(res_v.inertia), np.asarray(res.inertia), rtol=1e-6)
+
+
+def _assert_same_client(res, c, n, k, one):
+    lab = np.asarray(res.labels[c])
+    np.testing.assert_array_equal(lab[:n], np.asarray(one.labels))
+    assert (lab[n:] == -1).all() and lab[:n].max() < k
+    np.testing.assert_allclose(float(res.inertia[c]), float(one.inertia), rtol=1e-5)
+    assert int(res.n_iter[c]) == int(one.n_iter)
+    np.testing.assert_allclose(np.asarray(res.centroids[c, :k]), np.asarray(one.centroids),
+                               rtol=1e-5, atol=1e-4)
+    assert (np.asarray(res.centroids[c, k:]) == 0).all()
 
 
 def test_silhouette_matches_sklearn():

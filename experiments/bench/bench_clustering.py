@@ -15,6 +15,7 @@ there with ``--silhouette-big``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -111,7 +112,8 @@ def main(argv=None):
         clients = [(8, 600, 2048), (32, 600, 2048), (128, 600, 2048)]
         repeats = 5
     repeats = a.repeats or repeats
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {repeats} "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, load avg {os.getloadavg()[0]:.1f}; "
+          f"medians of {repeats} "
           f"alternating repeats after warm-up; K={K_SINGLE} (single), K={K_CLIENT} (clients)")
     for n, d, sil in singles:
         bench_single(n, d, repeats, sil, rng)

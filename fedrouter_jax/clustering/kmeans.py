@@ -12,7 +12,9 @@ What matches `sklearn.cluster.KMeans(algorithm="lloyd")` (scikit-learn 1.9):
   accurate when the data sit far from the origin.
 * Assignment uses sklearn's Euclidean trick: ``argmin_k ||c_k||^2 - 2 x.c_k`` (the ``||x||^2``
   term does not change the argmin); when a squared distance is needed it is
-  ``||x||^2 - 2 x.c + ||c||^2`` clamped at 0. All of it is one matmul per iteration, in float32.
+  ``||x||^2 - 2 x.c + ||c||^2`` clamped at 0. Float32 throughout; per iteration two matmuls
+  (x.c^T for the E-step, onehot^T.x for the M-step), run per row block of ~4 MiB on large data
+  (``lax.scan``) so each block is read from memory once per iteration, as sklearn's chunks.
 * ``tol`` is relative: it is multiplied by the mean of the per-feature variances of X (over the
   valid samples). One Lloyd iteration assigns labels with the current centroids and recomputes
   the centroids; the loop stops (``lax.while_loop``, so it stops early) when the labels did not
@@ -36,8 +38,9 @@ and its [N, D] block stays in cache across iterations, which is what decides spe
 whole group converged, a converged client's state is frozen by the batching rule's select, so the
 results are identical either way). Padded samples (``mask == False``) get weight 0: they never
 move a centroid, never enter the tol scale, the inertia, the k-means++ draws or the empty-cluster
-repair, and get label -1. Per-client ``n_clusters`` (<= k_max): centroids with index >= k_c are
-masked (``centroid_mask == False``), are never assigned and stay at 0.
+repair, and get label -1. Per-client ``n_clusters`` (<= k_max, traced: no recompilation per k):
+centroids with index >= k_c are masked (``centroid_mask == False``), are never assigned and stay
+at 0. ``tol`` and ``max_iter`` are traced too; ``k_max`` and ``n_init`` are static.
 """
 
 from __future__ import annotations
@@ -116,44 +119,74 @@ def nearest_centroid(
 
 
 # ----------------------------------------------------------------------------- single-client core
-# Everything below works on one client: x [N, D] centred, w [N] float32 in {0, 1},
-# cmask [K] bool (active centroids). Padded samples carry w = 0.
+# Everything below works on one client whose centred data are stored in row blocks:
+# xb [nb, B, D], xxb [nb, B] (squared norms), wb [nb, B] float32 in {0, 1} (0 = padding),
+# cmask [K] bool (active centroids). Small data sets are one block (nb = 1). Large ones are cut
+# in blocks of ~4 MiB so both matmuls of a Lloyd step (x.c^T and onehot^T.x) read each block
+# while it is in cache: one pass over X from memory per iteration, like sklearn's chunked loop.
+
+_BLOCK_BYTES = 1 << 22  # rows per block = 4 MiB / (4 D)
+_ONE_BLOCK_BYTES = 1 << 24  # data sets up to 16 MiB stay one block (they fit in the L3 cache)
+
+
+def _block_rows(n: int, d: int) -> int:
+    if n * d * 4 <= _ONE_BLOCK_BYTES:
+        return n
+    return int(max(64, min(n, _BLOCK_BYTES // (4 * d))))
 
 
 def _assign(x, c, cmask):
-    """E-step. -> labels [N] int32, partial squared distance ||c||^2 - 2 x.c of the label [N]."""
-    s = jnp.sum(c * c, -1)[None, :] - 2.0 * (x @ c.T)  # [N, K]
+    """E-step on x [B, D]. -> labels [B] int32, ||c||^2 - 2 x.c of the chosen centroid [B]."""
+    s = jnp.sum(c * c, -1)[None, :] - 2.0 * (x @ c.T)  # [B, K]
     s = jnp.where(cmask[None, :], s, jnp.inf)
     labels = jnp.argmin(s, axis=-1).astype(jnp.int32)
     return labels, jnp.min(s, axis=-1)
 
 
-def _lloyd_step(x, xx, w, c, cmask):
+def _lloyd_step(xb, xxb, wb, c, cmask):
     """One sklearn Lloyd iteration: E-step with c, M-step, empty-cluster repair.
 
-    -> (new centroids [K, D], labels [N], squared Frobenius shift [])
+    -> (new centroids [K, D], labels [nb, B], squared Frobenius shift [])
     """
     k = c.shape[0]
-    labels, smin = _assign(x, c, cmask)
-    onehot = (labels[:, None] == jnp.arange(k)[None, :]).astype(x.dtype) * w[:, None]  # [N, K]
-    sums = onehot.T @ x  # [K, D]: one matmul instead of a scatter (scatters are slow on CPU)
-    counts = jnp.sum(onehot, axis=0)  # [K]
+
+    def block(carry, blk):
+        sums, counts = carry
+        x, w = blk
+        labels, smin = _assign(x, c, cmask)
+        onehot = (labels[:, None] == jnp.arange(k)[None, :]).astype(x.dtype) * w[:, None]
+        # one matmul instead of a scatter-add (scatters are slow on CPU)
+        return (sums + onehot.T @ x, counts + jnp.sum(onehot, 0)), (labels, smin)
+
+    zero = (jnp.zeros_like(c), jnp.zeros((k,), c.dtype))
+    if xb.shape[0] == 1:  # no scan for a single block
+        (sums, counts), (labels, smin) = block(zero, (xb[0], wb[0]))
+        labels, smin = labels[None], smin[None]
+    else:
+        (sums, counts), (labels, smin) = jax.lax.scan(block, zero, (xb, wb))
 
     # Empty-cluster repair (sklearn's _relocate_empty_clusters_dense, vectorised): the e-th empty
-    # cluster takes the e-th farthest sample from its own centroid.
-    empty = (counts == 0) & cmask
-    dist = jnp.where(w > 0, jnp.maximum(xx + smin, 0.0), -jnp.inf)  # [N]
-    top_d, top_i = jax.lax.top_k(dist, k)  # descending
-    rank = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
-    far = top_i[rank]  # [K] sample index for each (empty) cluster
-    relocate = empty & (top_d[rank] > -jnp.inf) & (top_d[0] > 0)
-    xf = x[far] * relocate[:, None].astype(x.dtype)  # [K, D]
-    old = (labels[far][:, None] == jnp.arange(k)[None, :]).astype(x.dtype)  # [K(new), K(old)]
-    old = old * relocate[:, None].astype(x.dtype)
-    sums = sums - old.T @ xf
-    counts = counts - jnp.sum(old, axis=0)
-    sums = jnp.where(relocate[:, None], xf, sums)
-    counts = jnp.where(relocate, 1.0, counts)
+    # cluster takes the e-th farthest sample from its own centroid. Behind a cond: it is rare and
+    # its top_k costs as much as the rest of the step on small clients.
+    def relocate_empty(sums, counts):
+        x, lab = xb.reshape(-1, xb.shape[-1]), labels.reshape(-1)
+        empty = (counts == 0) & cmask
+        dist = jnp.where(wb > 0, jnp.maximum(xxb + smin, 0.0), -jnp.inf).reshape(-1)
+        top_d, top_i = jax.lax.top_k(dist, k)  # descending
+        rank = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
+        far = top_i[rank]  # [K] sample index for each (empty) cluster
+        relocate = empty & (top_d[rank] > -jnp.inf) & (top_d[0] > 0)
+        xf = x[far] * relocate[:, None].astype(x.dtype)  # [K, D]
+        old = (lab[far][:, None] == jnp.arange(k)[None, :]).astype(x.dtype)  # [K new, K old]
+        old = old * relocate[:, None].astype(x.dtype)
+        sums = sums - old.T @ xf
+        counts = counts - jnp.sum(old, axis=0)
+        sums = jnp.where(relocate[:, None], xf, sums)
+        counts = jnp.where(relocate, 1.0, counts)
+        return sums, counts
+
+    any_empty = jnp.any((counts == 0) & cmask)
+    sums, counts = jax.lax.cond(any_empty, relocate_empty, lambda s, n: (s, n), sums, counts)
 
     # _average_centers: a still-empty active cluster goes to the largest cluster's centroid.
     biggest = jnp.argmax(jnp.where(cmask, counts, -1.0))
@@ -164,10 +197,12 @@ def _lloyd_step(x, xx, w, c, cmask):
     return new_c, labels, shift
 
 
-def _lloyd(x, xx, w, c0, cmask, tol_scaled, max_iter):
-    """Lloyd iterations from c0 until sklearn's convergence rule. -> (c, labels, inertia, n_iter)."""
-    n = x.shape[0]
-    valid = w > 0
+def _lloyd(xb, xxb, wb, c0, cmask, tol_scaled, max_iter):
+    """Lloyd iterations from c0 until sklearn's convergence rule.
+
+    -> (centroids [K, D], labels [nb, B], inertia [], n_iter [])
+    """
+    invalid = wb == 0
 
     def cond(state):
         i, _, _, done, _ = state
@@ -175,18 +210,26 @@ def _lloyd(x, xx, w, c0, cmask, tol_scaled, max_iter):
 
     def body(state):
         i, c, labels_old, _, _ = state
-        new_c, labels, shift = _lloyd_step(x, xx, w, c, cmask)
-        strict = jnp.all((labels == labels_old) | jnp.logical_not(valid))
+        new_c, labels, shift = _lloyd_step(xb, xxb, wb, c, cmask)
+        strict = jnp.all((labels == labels_old) | invalid)
         done = strict | (shift <= tol_scaled)
         return i + 1, new_c, labels, done, strict
 
-    init = (jnp.int32(0), c0, jnp.full((n,), -1, jnp.int32), jnp.bool_(False), jnp.bool_(False))
+    init = (jnp.int32(0), c0, jnp.full(wb.shape, -1, jnp.int32), jnp.bool_(False), jnp.bool_(False))
     n_iter, c, labels, _, strict = jax.lax.while_loop(cond, body, init)
+
     # Without strict convergence sklearn reruns the E-step so labels match the final centroids.
-    labels = jax.lax.cond(strict, lambda: labels, lambda: _assign(x, c, cmask)[0])
-    diff = x - c[labels]
-    inertia = jnp.sum(jnp.sum(diff * diff, axis=-1) * w)
-    return c, labels, inertia, n_iter
+    # Same pass: inertia computed directly, sum w * ||x - c[label]||^2 (sklearn's _inertia_dense).
+    def final(x, w, lab_loop):
+        lab = jnp.where(strict, lab_loop, _assign(x, c, cmask)[0])
+        diff = x - c[lab]
+        return lab, jnp.sum(jnp.sum(diff * diff, -1) * w)
+
+    if xb.shape[0] == 1:
+        lab, inertia = final(xb[0], wb[0], labels[0])
+        return c, lab[None], inertia, n_iter
+    labels, inertias = jax.lax.map(lambda a: final(*a), (xb, wb, labels))
+    return c, labels, jnp.sum(inertias), n_iter
 
 
 def _kmeanspp(key, x, xx, w, k_active, k_max):
@@ -211,7 +254,7 @@ def _kmeanspp(key, x, xx, w, k_active, k_max):
         centers, closest, pot, key = carry
         key, sub = jax.random.split(key)
         r = jax.random.uniform(sub, (n_draw,), x.dtype) * pot
-        cand = jnp.searchsorted(jnp.cumsum(closest), r)  # closest already carries w
+        cand = jnp.searchsorted(jnp.cumsum(closest), r, method="compare_all")  # carries w
         cand = jnp.clip(cand, 0, n - 1)
         xc = x[cand]  # [L, D]
         dc = jnp.maximum(xx[cand][:, None] + xx[None, :] - 2.0 * (xc @ x.T), 0.0)  # [L, N]
@@ -230,26 +273,32 @@ def _n_local_trials(k: int) -> int:
 
 
 def _client_kmeans(x, w, k_active, init, key, *, k_max, max_iter, tol, n_init, use_init):
-    """Full K-Means for one client. x [N, D] raw, w [N] float32, init [k_max, D] or None.
+    """Full K-Means for one client. x [N, D] raw, w [N] float32, init [k_max, D] (if use_init).
 
     -> (centroids [k_max, D] un-centred, labels [N] (-1 where w == 0), inertia [], n_iter [])
     """
+    n, d = x.shape
     n_valid = jnp.maximum(jnp.sum(w), 1.0)
     mean = (w @ x) / n_valid  # [D]
-    xc = (x - mean) * w[:, None]  # centred; padded rows are exactly 0
-    xx = jnp.sum(xc * xc, axis=-1)
-    # sklearn: tol * mean(np.var(X, axis=0)); xc is centred so the variance is mean(xc^2).
-    tol_scaled = jnp.sum(xx) / n_valid / x.shape[1] * tol
+    rows = _block_rows(n, d)
+    pad = (-n) % rows
+    # Centred copy (padded rows exactly 0), cut in row blocks [nb, B, D].
+    xb = jnp.pad((x - mean) * w[:, None], ((0, pad), (0, 0))).reshape(-1, rows, d)
+    wb = jnp.pad(w, (0, pad)).reshape(-1, rows)
+    xxb = jnp.sum(xb * xb, axis=-1)
+    # sklearn: tol * mean(np.var(X, axis=0)); xb is centred so the variance is mean(x^2).
+    tol_scaled = jnp.sum(xxb) / n_valid / d * tol
     cmask = jnp.arange(k_max) < k_active
 
     if use_init:
         c0 = jnp.where(cmask[:, None], init - mean, 0.0)
-        c, labels, inertia, n_iter = _lloyd(xc, xx, w, c0, cmask, tol_scaled, max_iter)
+        c, labels, inertia, n_iter = _lloyd(xb, xxb, wb, c0, cmask, tol_scaled, max_iter)
     else:
+        xf, xxf, wf = xb.reshape(-1, d), xxb.reshape(-1), wb.reshape(-1)
 
         def one_run(key):
-            c0 = _kmeanspp(key, xc, xx, w, k_active, k_max)
-            return _lloyd(xc, xx, w, c0, cmask, tol_scaled, max_iter)
+            c0 = _kmeanspp(key, xf, xxf, wf, k_active, k_max)
+            return _lloyd(xb, xxb, wb, c0, cmask, tol_scaled, max_iter)
 
         keys = jax.random.split(key, n_init)
         cs, labs, inertias, iters = jax.lax.map(one_run, keys)  # sequential restarts
@@ -257,7 +306,7 @@ def _client_kmeans(x, w, k_active, init, key, *, k_max, max_iter, tol, n_init, u
         c, labels, inertia, n_iter = cs[best], labs[best], inertias[best], iters[best]
 
     c = jnp.where(cmask[:, None], c + mean, 0.0)
-    labels = jnp.where(w > 0, labels, -1)
+    labels = jnp.where(w > 0, labels.reshape(-1)[:n], -1)
     return c, labels, inertia, n_iter
 
 
@@ -320,7 +369,9 @@ def kmeans(
     else:
         init_arr = jnp.asarray(init, jnp.float32)
         if init_arr.shape != (n_clusters, x.shape[1]):
-            raise ValueError(f"init has shape {init_arr.shape}, expected {(n_clusters, x.shape[1])}")
+            raise ValueError(
+                f"init has shape {init_arr.shape}, expected {(n_clusters, x.shape[1])}"
+            )
     res = batched_kmeans(
         x[None],
         mask[None],
@@ -401,7 +452,10 @@ def batched_kmeans(
 
 
 def kmeans_plusplus(x, n_clusters: int, *, seed: int = 0, sample_mask=None) -> jax.Array:
-    """Greedy k-means++ centroids (sklearn's variant, 2 + log k local trials), x: [N, D] -> [K, D]."""
+    """Greedy k-means++ centroids (sklearn's variant, 2 + log k local trials).
+
+    x: [N, D], sample_mask: [N] bool or None -> [K, D] (K distinct data points). Not centred.
+    """
     x = jnp.asarray(x, jnp.float32)
     w = (
         jnp.ones((x.shape[0],), jnp.float32)
