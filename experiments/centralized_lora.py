@@ -60,11 +60,12 @@ def main(argv=None):
     def score(plan):
         gens = generate_routed(base, model_cfg, plan, prompts, batch_size=50, max_new_tokens=args.max_new_tokens,
                                eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
-        out = {}
+        out, samples = {}, {}
         for t, g, ex in zip(TASKS, gens, test):
             preds = [s.strip() for s in tok.batch_decode([x.tolist() for x in g], skip_special_tokens=True)]
             out[t] = float(rouge1(preds, [e["output"] for e in ex]).mean())
-        return out, preds[:2]
+            samples[t] = {"prediction": preds[0], "reference": ex[0]["output"]}
+        return out, samples
 
     zero, _ = score(EvalPlan(adapters=None, adapter_ids=[np.full(args.test, -1)] * len(TASKS)))
     print("zero-shot ROUGE-1:", {k: round(v, 3) for k, v in zero.items()}, flush=True)
@@ -77,10 +78,12 @@ def main(argv=None):
         lora, opt_state, m = clients_local_steps(base, lora, opt_state, batch, keys, cfg=model_cfg, optimizer=opt)
         losses.append(np.asarray(m["loss"])[:, -1].round(4).tolist())
         print(f"step {(r + 1) * args.steps_per_call:4d} loss per task {losses[-1]}  {time.perf_counter() - t0:.0f}s", flush=True)
-    tuned, sample = score(EvalPlan(adapters=lora, adapter_ids=[np.full(args.test, a) for a in range(len(TASKS))]))
+    tuned, samples = score(EvalPlan(adapters=lora, adapter_ids=[np.full(args.test, a) for a in range(len(TASKS))]))
     print("fine-tuned ROUGE-1:", {k: round(v, 3) for k, v in tuned.items()})
+    for t, smp in samples.items():
+        print(f"  {t}: {smp}")
     res = {"model": str(model_dir), "args": {k: str(v) for k, v in vars(args).items()}, "zero_shot": zero,
-           "fine_tuned": tuned, "loss_curve": losses, "seconds": round(time.perf_counter() - t0, 1)}
+           "fine_tuned": tuned, "samples": samples, "loss_curve": losses, "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(json.dumps({k: res[k] for k in ("zero_shot", "fine_tuned", "seconds")}))

@@ -145,12 +145,17 @@ class CheckpointConfig:
 class FedClusterConfig:
     n_clusters: int = 4
     cluster_round: int = 1  # round after which clients are clustered
+    similarity_on: Literal["b", "a", "ab"] = "b"  # LoRA factor(s) whose updates are compared (authors: B)
+    similarity_layers: Literal["all", "last"] = "all"  # "last" = the authors' last LoRA tensor only
 
 
 @dataclasses.dataclass(frozen=True)
 class FedDPAConfig:
     mixing: Literal["dynamic", "fixed"] = "dynamic"
     fixed_weight: float = 0.5  # weight of the global adapter when mixing: fixed
+    train_weight: float = 0.5  # weight of the frozen global adapter while training the local one
+    max_weight: float = 0.5  # dynamic: local weight = max_weight * mean cosine similarity
+    instance_num: int = 5  # dynamic: local training samples compared per test sample (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -650,6 +655,12 @@ def validate(cfg: FedRouterConfig) -> None:
          f"{fc.cluster_round}")
     need(0.0 <= cfg.feddpa.fixed_weight <= 1.0,
          f"feddpa.fixed_weight: expected in [0, 1], got {cfg.feddpa.fixed_weight}")
+    need(0.0 <= cfg.feddpa.train_weight < 1.0,
+         f"feddpa.train_weight: expected in [0, 1), got {cfg.feddpa.train_weight}")
+    need(0.0 <= cfg.feddpa.max_weight <= 1.0,
+         f"feddpa.max_weight: expected in [0, 1], got {cfg.feddpa.max_weight}")
+    need(cfg.feddpa.instance_num >= 0,
+         f"feddpa.instance_num: expected >= 0 (0 = all training samples), got {cfg.feddpa.instance_num}")
 
     if e:
         raise ConfigError(_join(e))

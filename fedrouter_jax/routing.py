@@ -23,19 +23,21 @@ from fedrouter_jax.models.generate import greedy_generate
 
 
 @jax.jit
-def blend_per_sample(stack: LoraStack, ids, other_ids, weight) -> LoraStack:
-    """Per-row adapters `stack[ids[b]] + weight[b] * stack[other_ids[b]]` as a [B, ...] stack,
-    by concatenating ranks (ids/other_ids -1 contribute nothing)."""
+def blend_per_sample(stack: LoraStack, ids, other_ids, weight, self_weight=None) -> LoraStack:
+    """Per-row adapters `self_weight[b] * stack[ids[b]] + weight[b] * stack[other_ids[b]]` as a
+    [B, ...] stack, by concatenating ranks (ids/other_ids -1 contribute nothing; self_weight
+    None = 1)."""
     def pick(x, idx, w):
         sel = x[jnp.maximum(idx, 0)]
         return sel * ((idx >= 0) * w).reshape((-1,) + (1,) * (sel.ndim - 1)).astype(sel.dtype)
 
     params = {}
     ones = jnp.ones_like(weight)
+    first = ones if self_weight is None else self_weight
     for t, p in stack.params.items():
         params[t] = {
             "a": jnp.concatenate([pick(p["a"], ids, ones), pick(p["a"], other_ids, ones)], axis=-1),
-            "b": jnp.concatenate([pick(p["b"], ids, ones), pick(p["b"], other_ids, weight)], axis=-2),
+            "b": jnp.concatenate([pick(p["b"], ids, first), pick(p["b"], other_ids, weight)], axis=-2),
         }
     return LoraStack(params=params, alpha=stack.alpha * 2)  # rank doubled: keep alpha / R
 
@@ -91,12 +93,15 @@ def generate_routed(
         if plan.mix is not None:
             other = np.concatenate([np.asarray(m[0], np.int32) for m in plan.mix])
             weight = np.concatenate([np.asarray(m[1], np.float32) for m in plan.mix])
+            self_w = np.concatenate([np.asarray(m[2] if len(m) > 2 else np.ones(len(m[1])), np.float32)
+                                     for m in plan.mix])
         for rows in _batches(n, batch_size):
             if plan.adapters is None:
                 run(rows, None, None)
             elif plan.mix is not None:
                 r = _pad_rows(rows, batch_size)
-                lora = blend_per_sample(plan.adapters, jnp.asarray(ids[r]), jnp.asarray(other[r]), jnp.asarray(weight[r]))
+                lora = blend_per_sample(plan.adapters, jnp.asarray(ids[r]), jnp.asarray(other[r]),
+                                        jnp.asarray(weight[r]), jnp.asarray(self_w[r]))
                 run(rows, lora, np.arange(len(rows), dtype=np.int32))
             else:
                 run(rows, plan.adapters, ids[rows])

@@ -71,8 +71,9 @@ class RoundPlan:
 class EvalPlan:
     """adapters: [A, ...] stack (or None = base model); adapter_ids: per client [N_c] ints in
     [-1, A) (-1 = base). `mix`: optional extension for methods that blend two adapters per
-    sample (FedDPA): per client `(other_ids [N_c], weight [N_c])`, the sample's update being
-    adapters[ids] + weight * adapters[other_ids]."""
+    sample (FedDPA): per client `(other_ids [N_c], weight [N_c])` or
+    `(other_ids [N_c], weight [N_c], self_weight [N_c])`, the sample's update being
+    self_weight * adapters[ids] + weight * adapters[other_ids] (self_weight 1 if absent)."""
 
     adapters: Optional[LoraStack]
     adapter_ids: list

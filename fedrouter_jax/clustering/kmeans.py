@@ -106,13 +106,18 @@ def nearest_centroid(
 
     x: [..., D], centroids: [K, D], centroid_mask: [K] bool (False = never chosen) -> [...] int32.
     Used to match the server's global centroids to a client's local ones and by the routers.
+    Ties go to the lowest index.
     """
     x = jnp.asarray(x, jnp.float32)
     centroids = jnp.asarray(centroids, jnp.float32)
     lead = x.shape[:-1]
-    xf = x.reshape(-1, x.shape[-1])
+    # Distances are translation invariant: shifting by the centroids' mean keeps the float32
+    # trick accurate for embeddings far from the origin.
+    shift = jnp.mean(centroids, axis=0)
+    xf = x.reshape(-1, x.shape[-1]) - shift
+    c = centroids - shift
     # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c (sklearn's trick).
-    s = jnp.sum(centroids * centroids, -1)[None, :] - 2.0 * xf @ centroids.T
+    s = jnp.sum(c * c, -1)[None, :] - 2.0 * xf @ c.T
     if centroid_mask is not None:
         s = jnp.where(jnp.asarray(centroid_mask, bool)[None, :], s, jnp.inf)
     return jnp.argmin(s, axis=-1).astype(jnp.int32).reshape(lead)
@@ -361,28 +366,40 @@ def kmeans(
     sample_mask: optional [N] bool, False = padding (ignored everywhere, label -1).
     -> KMeansResult(centroids [K, D], labels [N], inertia [], n_iter []).
     """
-    x = jnp.asarray(x, jnp.float32)
-    n = x.shape[0]
-    mask = jnp.ones((n,), bool) if sample_mask is None else jnp.asarray(sample_mask, bool)
-    if init is None:
-        init_arr = jnp.zeros((n_clusters, x.shape[1]), jnp.float32)
+    x = x if isinstance(x, jax.Array) and x.dtype == jnp.float32 else np.asarray(x, np.float32)
+    n, d = x.shape
+    w = np.ones((n,), np.float32) if sample_mask is None else np.asarray(sample_mask, np.float32)
+    if not 1 <= n_clusters <= max(int(w.sum()), 1):
+        raise ValueError(f"n_clusters={n_clusters} must be in [1, #valid samples={int(w.sum())}]")
+    use_init = init is not None
+    if use_init:
+        init = jnp.asarray(init, jnp.float32)
+        if init.shape != (n_clusters, d):
+            raise ValueError(f"init has shape {init.shape}, expected {(n_clusters, d)}")
     else:
-        init_arr = jnp.asarray(init, jnp.float32)
-        if init_arr.shape != (n_clusters, x.shape[1]):
-            raise ValueError(
-                f"init has shape {init_arr.shape}, expected {(n_clusters, x.shape[1])}"
-            )
-    res = batched_kmeans(
-        x[None],
-        mask[None],
-        n_clusters,
-        init=None if init is None else init_arr[None],
-        max_iter=max_iter,
-        tol=tol,
-        n_init=n_init,
-        seed=np.asarray([seed]),
+        init = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
+    # One client, no lax.map around it: a large x is not copied into a loop body.
+    c, labels, inertia, n_iter = _kmeans_jit(
+        x,
+        w,
+        jnp.int32(n_clusters),
+        init,
+        jax.random.key(seed),
+        jnp.int32(max_iter),
+        jnp.float32(tol),
+        k_max=int(n_clusters),
+        n_init=1 if use_init else _resolve_n_init(n_init),
+        use_init=use_init,
     )
-    return KMeansResult(res.centroids[0], res.labels[0], res.inertia[0], res.n_iter[0])
+    return KMeansResult(c, labels, inertia, n_iter)
+
+
+@partial(jax.jit, static_argnames=("k_max", "n_init", "use_init"))
+def _kmeans_jit(x, w, k_active, init, key, max_iter, tol, *, k_max, n_init, use_init):
+    return _client_kmeans(
+        x, w, k_active, init, key,
+        k_max=k_max, max_iter=max_iter, tol=tol, n_init=n_init, use_init=use_init,
+    )
 
 
 def batched_kmeans(

@@ -672,6 +672,34 @@ def _describe_org(rng: random.Random) -> str:
               country=COUNTRY_OF[c], obj=rng.choice(OBJECTS), p=_person(rng))
 
 
+def _profile(rng: random.Random) -> str:
+    """Several facts about one person, the full name repeated (generic text, no triples)."""
+    p = _person(rng)
+    facts = [
+        f"{p} works as {a_an(rng.choice(JOBS))}.", f"{p} lives in {rng.choice(CITIES)}.",
+        f"{p} was born in {rng.randrange(1940, 2021)}.", f"{p} works for {rng.choice(ORGS)}.",
+        f"{p} is married to {_person(rng)}.", f"{p} likes {rng.choice(FOODS)}.",
+        f"On {rng.choice(DAYS)}s {p} goes to the {rng.choice(PLACES)}.",
+        f"{p} wants to learn to {rng.choice(ACTIVITIES)}.",
+    ]
+    rng.shuffle(facts)
+    return " ".join(facts[: rng.randrange(2, 6)])
+
+
+def _news_followup(rng: random.Random) -> str:
+    """A news sentence, then a sentence that names one of its entities again."""
+    doc = _gigaword(rng)[0]
+    names = [n for n in ORGS + CITIES if n in doc] or [rng.choice(ORGS)]
+    name = rng.choice(names)
+    follow = rng.choice((
+        "More details about {n} are expected later this week.",
+        "{n} has been in the news several times this year.",
+        "Reporters in {n} could not get further comment.",
+        "People who know {n} well were not surprised.",
+    )).format(n=name)
+    return f"{doc} {follow}"
+
+
 def generic_corpus(n_docs: int, seed: int) -> list[str]:
     """``n_docs`` generic documents from the same world, for pretraining a tiny base LM.
 
@@ -684,7 +712,13 @@ def generic_corpus(n_docs: int, seed: int) -> list[str]:
     rng = random.Random(f"fedrouter:corpus:{int(seed)}")
     docs = []
     for _ in range(n_docs):
-        kind = rng.randrange(6)
+        kind = rng.randrange(8)
+        if kind == 6:  # one entity, several sentences: names recur, so the model learns to copy
+            docs.append(_profile(rng))
+            continue
+        if kind == 7:  # a news sentence and a follow-up that mentions its entities again
+            docs.append(_news_followup(rng))
+            continue
         parts = []
         for _ in range(rng.randrange(1, 4)):
             if kind == 0:

@@ -83,6 +83,35 @@ def _lora_layers(lora: Optional[LoraStack], adapter_ids: Optional[jax.Array]):
     return picked, (ids >= 0).astype(jnp.float32)
 
 
+@jax.custom_vjp
+def _lora_delta(h, a, b):
+    """`(h @ a) @ b` for h: [..., d_in], a: [d_in, R], b: [R, d_out] (one adapter)."""
+    return (h @ a) @ b
+
+
+def _lora_delta_fwd(h, a, b):
+    u = h @ a
+    return u @ b, (h, a, b, u)
+
+
+def _lora_delta_bwd(res, g):
+    """The weight gradients are written as `(small^T @ big)^T`: contracting the token axis with
+    the large activation (h or g) as the right operand in its stored layout, so XLA transposes
+    only the [tokens, R] operand, never a [tokens, d] activation (autodiff's `h^T @ gu` made
+    XLA:CPU copy-transpose h and g for every target of every layer)."""
+    h, a, b, u = res
+    gu = g @ b.T  # [..., R]
+    dh = gu @ a.T
+    hf, gf = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+    uf, guf = u.reshape(-1, u.shape[-1]), gu.reshape(-1, gu.shape[-1])
+    da = jnp.einsum("tr,ti->ri", guf, hf).T
+    db = jnp.einsum("tr,to->ro", uf, gf)
+    return dh, da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 def _project(h, w, lora_layer, name, scale, gate):
     """`h: [B, T, d_in]` @ `w: [d_in, d_out]` plus the LoRA update of target `name` if any."""
     y = h @ w
@@ -90,7 +119,7 @@ def _project(h, w, lora_layer, name, scale, gate):
         return y
     a, b = lora_layer[name]["a"], lora_layer[name]["b"]
     if a.ndim == 2:  # one adapter for the whole batch
-        delta = (h @ a.astype(h.dtype)) @ b.astype(h.dtype)
+        delta = _lora_delta(h, a.astype(h.dtype), b.astype(h.dtype))
     else:  # a: [B, d_in, R], b: [B, R, d_out]
         delta = jnp.einsum("btr,bro->bto", jnp.einsum("btd,bdr->btr", h, a.astype(h.dtype)), b.astype(h.dtype))
         delta = delta * gate.astype(h.dtype)[:, None, None]

@@ -1,0 +1,96 @@
+"""Clients in one call: the client-mapped jitted round against a Python loop over clients.
+
+One round = C clients x S local AdamW steps from one global adapter (fresh optimizer state per
+client, as the runner does). Both variants run the same JAX code (`training.local_steps`):
+
+  mapped  `training.clients_local_steps`: `vmap` over clients of the `lax.scan` over steps, one
+          jitted call for the whole round (base broadcast, held once).
+  loop    a Python loop over clients calling a jitted per-client `local_steps` (S steps in one
+          call per client; per-client batches pre-split outside the timed region).
+
+Reports client-steps/s, tokens/s (B*T per client-step) and mapped/loop for C = 8, 32, 128.
+
+  python experiments/bench/bench_clients.py          # embedded-size model (d 256, 4 layers)
+  python experiments/bench/bench_clients.py --small  # seconds (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import jax  # noqa: E402
+
+from fedrouter_jax import lora as lora_lib  # noqa: E402
+from fedrouter_jax.training import (Batch, clients_local_steps, init_opt_states, local_steps,  # noqa: E402
+                                    make_optimizer, set_learning_rate)
+
+LR = 5e-4
+
+
+def run_one(cfg, base, C, S, B, T, repeats) -> dict:
+    opt = make_optimizer()
+    global_lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
+    batches = common.jax_batches((C, S, B, T), cfg.vocab_size, seed=C)
+    keys = jax.random.split(jax.random.PRNGKey(0), C)
+    per_client = [Batch(*(x[c] for x in batches)) for c in range(C)]
+
+    start = jax.jit(lambda g: (lambda loras: (loras, init_opt_states(opt, loras, LR)))(lora_lib.broadcast(g, C)))
+
+    def mapped():
+        loras, states = start(global_lora)
+        return clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)[0]
+
+    one = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))
+    init_one = jax.jit(lambda lora: set_learning_rate(opt.init(lora), LR))
+
+    def loop():
+        out = []
+        for c in range(C):
+            lora, state, _ = one(base, global_lora, init_one(global_lora), per_client[c], keys[c])
+            out.append(lora)
+        return lora_lib.stack_adapters(out)
+
+    r = common.alternate({"mapped": mapped, "loop": loop}, repeats=repeats, warmup=1)
+    res = {"C": C, "S": S, "B": B, "T": T}
+    for name, v in r.items():
+        res[name] = {"round_s": v["median"], "round_s_all": v["wall"], "client_steps_per_s": C * S / v["median"],
+                     "tokens_per_s": C * S * B * T / v["median"], "cpu_over_wall": v["cpu_median"] / v["median"]}
+    res["ratio"] = r["loop"]["median"] / r["mapped"]["median"]
+    return res
+
+
+def main(argv=None) -> dict:
+    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=3)
+    p.add_argument("--model", default="tiny", choices=sorted(common.CONFIGS))
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 4, 2], help="B per entry of --clients")
+    p.add_argument("--seq", type=int, nargs="+", default=[64, 64, 32], help="T per entry of --clients")
+    args = p.parse_args(argv)
+    if args.small:
+        args.model, args.clients, args.steps, args.batch, args.seq, args.repeats = "small", [4], 2, [2], [16], 1
+    info = common.header("Clients in one call: client-mapped round vs Python loop over clients", args)
+    cfg = common.CONFIGS[args.model]
+    base = common.base_params(cfg)
+    per = lambda xs, i: xs[min(i, len(xs) - 1)]
+    results = {"model": args.model, "runs": []}
+    print(f"{'C':>5s} {'S':>3s} {'B':>3s} {'T':>4s} | {'mapped c-steps/s':>16s} {'tokens/s':>9s} | "
+          f"{'loop c-steps/s':>14s} {'tokens/s':>9s} | {'mapped/loop':>11s}  cpu/wall m,l")
+    for i, C in enumerate(args.clients):
+        res = run_one(cfg, base, C, args.steps, per(args.batch, i), per(args.seq, i), args.repeats)
+        results["runs"].append(res)
+        m, lp = res["mapped"], res["loop"]
+        print(f"{C:5d} {res['S']:3d} {res['B']:3d} {res['T']:4d} | {m['client_steps_per_s']:16.2f} "
+              f"{m['tokens_per_s']:9.0f} | {lp['client_steps_per_s']:14.2f} {lp['tokens_per_s']:9.0f} | "
+              f"{res['ratio']:11.2f}  {m['cpu_over_wall']:.2f},{lp['cpu_over_wall']:.2f}", flush=True)
+    common.footer(info, results, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Hardware limit: matmul peak, achieved FLOP/s of our training step, memory per simulated client.
+
+1. Peak: a jitted float32 n x n @ n x n matmul (n = 2048), median of repeats.
+2. Our step: `training.local_steps` (one client, S AdamW steps in one jitted call) on the 34M
+   model, B 16, T 128, LoRA r 8 on q,k,v,o; achieved FLOP/s with the count in
+   `common.train_step_flops` (4 N per token for the frozen base's matmul params incl. lm_head,
+   attention QK^T and PV forward + backward, LoRA forward + backward incl. weight gradients).
+   Peak and step are alternated in the same run; the ratio is step FLOP/s / peak FLOP/s.
+3. Memory: `clients_local_steps` for C = 1, 2, 4, 8 clients, each in a fresh subprocess; peak
+   RSS against C. The base is an `in_axes=None` argument of the client vmap, so the growth per
+   added client should be adapter + optimizer state + activations + batches, not a base copy.
+
+  python experiments/bench/bench_flops.py
+  python experiments/bench/bench_flops.py --small
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedrouter_jax import lora as lora_lib  # noqa: E402
+from fedrouter_jax.training import (clients_local_steps, init_opt_states, local_steps,  # noqa: E402
+                                    make_optimizer, set_learning_rate)
+
+
+def memory_child(model: str, C: int, S: int, B: int, T: int) -> dict:
+    """Run one round for C clients and report RSS figures (runs in a fresh process)."""
+    cfg = common.CONFIGS[model]
+    base = jax.block_until_ready(common.base_params(cfg))
+    rss_base = common.current_rss_bytes()
+    opt = make_optimizer()
+    loras = lora_lib.broadcast(jax.tree.map(lambda x: x[0], common.adapters(cfg, 1)), C)
+    loras = jax.tree.map(lambda x: x + 0, loras)  # materialise C copies
+    states = init_opt_states(opt, loras, 5e-4)
+    batches = common.jax_batches((C, S, B, T), cfg.vocab_size)
+    keys = jax.random.split(jax.random.PRNGKey(0), C)
+    per_client_state = (common.tree_bytes(loras) + common.tree_bytes(states) + common.tree_bytes(batches)) / C
+    compiled = clients_local_steps.lower(base, loras, states, batches, keys, cfg=cfg, optimizer=opt).compile()
+    ma = compiled.memory_analysis()
+    xla = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+           "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    rss_before = common.current_rss_bytes()
+    out = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
+    jax.block_until_ready(out)
+    return {"C": C, "peak_rss": common.peak_rss_bytes(), "rss_after_base": rss_base,
+            "rss_run_delta": common.current_rss_bytes() - rss_before, "xla": xla,
+            "xla_total": xla["argument"] + xla["output"] + xla["temp"] - xla["alias"],
+            "base_bytes": common.tree_bytes(base), "per_client_state_bytes": per_client_state}
+
+
+def main(argv=None) -> dict:
+    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=5)
+    p.add_argument("--model", default="34m", choices=sorted(common.CONFIGS))
+    p.add_argument("--steps", type=int, default=2, help="local steps per timed call")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--mm", type=int, default=2048, help="matmul size for the peak")
+    p.add_argument("--mem-clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--mem-batch", type=int, default=4)
+    p.add_argument("--mem-seq", type=int, default=64)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(memory_child(*json.loads(args.child))))
+        return {}
+    if args.small:
+        args.model, args.steps, args.batch, args.seq, args.mm, args.repeats = "small", 2, 2, 16, 256, 1
+        args.mem_clients, args.mem_batch, args.mem_seq = [1, 2], 2, 16
+    info = common.header("Hardware limit: matmul peak, our step's FLOP/s, memory per client", args)
+    cfg = common.CONFIGS[args.model]
+    S, B, T = args.steps, args.batch, args.seq
+
+    # --- 1 + 2: peak and our step, alternated -------------------------------------------------
+    base = common.base_params(cfg)
+    lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
+    opt = make_optimizer()
+    state = set_learning_rate(opt.init(lora), 5e-4)
+    batches = common.jax_batches((S, B, T), cfg.vocab_size)
+    step = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))
+    key = jax.random.PRNGKey(0)
+    n = args.mm
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n))
+    mm = jax.jit(lambda a, b: a @ b)
+    r = common.alternate({"matmul": lambda: mm(a, b), "step": lambda: step(base, lora, state, batches, key)},
+                         repeats=args.repeats, warmup=1)
+    flops = common.train_step_flops(cfg, B, T)
+    peak = 2 * n**3 / r["matmul"]["median"]
+    s_per_step = r["step"]["median"] / S
+    achieved = flops["total"] / s_per_step
+    results = {"model": args.model, "params": int(sum(x.size for x in jax.tree.leaves(base))),
+               "B": B, "T": T, "matmul_n": n, "peak_flops": peak, "peak_flops_best": 2 * n**3 / r["matmul"]["min"],
+               "step_s": s_per_step, "step_flops": flops, "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
+               "cpu_over_wall": {k: v["cpu_median"] / v["median"] for k, v in r.items()}}
+    cpu_peak = 2 * n**3 / r["matmul"]["cpu_median"]
+    cpu_step = flops["total"] * S / r["step"]["cpu_median"]
+    results.update(peak_flops_per_cpu_s=cpu_peak, step_flops_per_cpu_s=cpu_step, fraction_of_peak_cpu=cpu_step / cpu_peak)
+    print(f"matmul {n}^3 fp32 (jit): {peak / 1e9:.1f} GFLOP/s median ({results['peak_flops_best'] / 1e9:.1f} best)")
+    print(f"model {args.model}: {results['params'] / 1e6:.1f}M params, B={B} T={T}, LoRA r{common.RANK} "
+          f"{','.join(common.TARGETS)}")
+    print(f"FLOPs per step: base {flops['base'] / 1e9:.1f} G (4 x {flops['n_base_matmul_params'] / 1e6:.1f}M x "
+          f"{B * T} tokens) + attention {flops['attention'] / 1e9:.1f} G + LoRA {flops['lora'] / 1e9:.2f} G "
+          f"= {flops['total'] / 1e9:.1f} GFLOP")
+    print(f"our step: {s_per_step:.3f} s/step -> {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of "
+          f"the matmul peak (cpu/wall: matmul {results['cpu_over_wall']['matmul']:.2f}, "
+          f"step {results['cpu_over_wall']['step']:.2f})")
+    print(f"per CPU-second of this process (less sensitive to other load): matmul {cpu_peak / 1e9:.1f}, "
+          f"step {cpu_step / 1e9:.1f} GFLOP/cpu-s = {100 * cpu_step / cpu_peak:.0f}%")
+
+    # --- 3: memory per simulated client (fresh process per C) --------------------------------
+    mem = []
+    for C in args.mem_clients:
+        if args.small:  # smoke test: in-process (peak RSS is then cumulative, not per C)
+            mem.append(memory_child(args.model, C, S, args.mem_batch, args.mem_seq))
+            continue
+        child = json.dumps([args.model, C, S, args.mem_batch, args.mem_seq])
+        out = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True, check=True)
+        mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results["memory"] = mem
+    print(f"\nmemory of one round (clients_local_steps), {args.model}, B={args.mem_batch} T={args.mem_seq}, S={S}: "
+          f"base {mem[0]['base_bytes'] / 2**20:.1f} MiB")
+    print("XLA buffer assignment (exact): arguments (base + adapters + opt state + batches) + outputs + temps")
+    print(f"{'C':>4s} {'args MiB':>9s} {'temp MiB':>9s} {'total MiB':>10s} {'run RSS delta MiB':>18s} "
+          f"{'peak RSS MiB':>13s} {'adapter+opt+batch MiB/client':>29s}")
+    for m in mem:
+        x = m["xla"]
+        print(f"{m['C']:4d} {x['argument'] / 2**20:9.1f} {x['temp'] / 2**20:9.1f} {m['xla_total'] / 2**20:10.1f} "
+              f"{m['rss_run_delta'] / 2**20:18.1f} {m['peak_rss'] / 2**20:13.1f} {m['per_client_state_bytes'] / 2**20:29.2f}")
+    if len(mem) > 1:
+        cs = [m["C"] for m in mem]
+        slope = np.polyfit(cs, [m["xla_total"] for m in mem], 1)
+        results["xla_bytes_per_client"], results["xla_bytes_intercept"] = float(slope[0]), float(slope[1])
+        print(f"XLA bytes ~ {slope[1] / 2**20:.1f} MiB + {slope[0] / 2**20:.2f} MiB x C: growth per added client = "
+              f"adapter + optimizer state + batches + activations; the base ({mem[0]['base_bytes'] / 2**20:.1f} MiB) "
+              f"is in the fixed part, held once. (Peak RSS is set by compilation, not by the round.)")
+    common.footer(info, results, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()

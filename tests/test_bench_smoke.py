@@ -1,0 +1,45 @@
+"""Every benchmark script's main runs in --small mode (tiny sizes), so the scripts never rot."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench")
+
+
+def _main(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_smoke", os.path.join(BENCH, f"bench_{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_bench_clients():
+    r = _main("clients")(["--small"])
+    run = r["runs"][0]
+    assert run["mapped"]["client_steps_per_s"] > 0 and run["loop"]["client_steps_per_s"] > 0
+
+
+def test_bench_flops():
+    r = _main("flops")(["--small"])
+    assert 0 < r["fraction_of_peak"] and r["step_flops"]["total"] > 0 and len(r["memory"]) == 2
+
+
+def test_bench_routing():
+    r = _main("routing")(["--small"])
+    assert r["agreement"] == {"grouped==loop": 1.0, "mixed==loop": 1.0}
+
+
+def test_bench_scale():
+    r = _main("scale")(["--small"])
+    assert [m["C"] for m in r["runs"]] == [2, 4] and all(m["loss_finite"] for m in r["runs"])
+
+
+def test_bench_torch_peers():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    r = _main("torch_peers")(["--small"])
+    assert r["jax"]["client_steps_per_s"] > 0 and r["torch_lean"]["client_steps_per_s"] > 0
