@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-trainer", action="store_true", help="skip the HF Trainer variant")
     args = p.parse_args(argv)
     if args.small:
-        args.model, args.clients, args.steps, args.batch, args.seq, args.repeats = "small", 2, 2, 2, 16, 1
+        args.model, args.clients, args.steps, args.batch, args.seq, args.repeats = "small", 1, 2, 2, 16, 1
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
