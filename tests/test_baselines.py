@@ -13,7 +13,7 @@ from fedrouter_jax.config import load_config
 from fedrouter_jax.lora import LoraStack, delta_weight, take
 from fedrouter_jax.routing import blend_per_sample
 
-from helpers import TINY, make_tiny_model_dir, smoke_overrides
+from helpers import TINY, smoke_overrides
 
 
 def make_ctx(sizes=(1, 3), overrides=(), test_emb=None, train_emb=None):
@@ -215,13 +215,12 @@ def test_feddpa_plan_slots_frozen_and_aggregate():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, model_dir):
     import os
 
     os.environ["FEDROUTER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     from fedrouter_jax.runner import prepare
 
-    model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
     cfg = load_config(None, smoke_overrides(model_dir, tmp_path_factory.mktemp("unused"), **{
         "train.rounds": 2, "fedcluster.n_clusters": 2, "fedcluster.cluster_round": 1,
         "checkpoint.every": 0}))

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -15,16 +14,6 @@ import grid as grid_mod  # noqa: E402
 import report  # noqa: E402
 
 SMOKE = ROOT / "configs" / "grid_smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FEDROUTER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_smoke_grid_runs_writes_results_and_resumes(model_dir, tmp_path, capsys):

@@ -14,19 +14,9 @@ from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.config import load_config
 from fedrouter_jax.runner import Run, format_table, run_from_config
 
-from helpers import make_tiny_model_dir, smoke_overrides
+from helpers import smoke_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FEDROUTER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_smoke_run_writes_metrics_checkpoints_and_table(model_dir, tmp_path, capsys):
