@@ -15,8 +15,11 @@ Paper sections 3.1-3.3, with the choices the paper leaves open taken from the au
   each global cluster" is a sample-weighted segment mean over the slots trained that round.
 * Schedule (`clustering.schedule`):
     - "global" (DEFAULT, the paper): the server walks each client round-robin through the
-      global clusters its centroids belong to and sends the global centroid; the client
-      trains the adapter of its *nearest local centroid* (Euclidean) to it.
+      global clusters its centroids belong to (client c starts at offset c, so in a round the
+      clients spread over the clusters instead of all training the same one — the authors'
+      `round % n_local` has that effect too, since local indices are arbitrary per client)
+      and sends the global centroid; the client trains the adapter of its *nearest local
+      centroid* (Euclidean) to it.
     - "local_index" (the authors' code): the client trains local cluster `round % n_local`.
   The paper is specific here, so it is the default; both give the same schedule whenever
   every local centroid is the nearest one to its own global centroid.
@@ -140,7 +143,7 @@ class FedRouter:
                 slots.append((c, l, int(l2g[c, l])))
             else:  # the paper: server picks a global cluster, client matches its nearest local centroid
                 globals_c = np.unique(l2g[c, locals_c])
-                g = int(globals_c[round_idx % globals_c.size])
+                g = int(globals_c[(round_idx + c) % globals_c.size])
                 l = int(nearest_centroid(state["global_centroids"][g], state["local_centroids"][c], cmask[c]))
                 slots.append((c, l, g))
         return slots
