@@ -74,14 +74,14 @@ def load_model_tokenizer(model_dir: Path):
     return tok
 
 
-def _embed_clients(cfg, model_dir, tok, model_cfg, base, per_client_examples, what: str, progress: bool):
+def _embed_clients(cfg, model_dir, tok, model_cfg, base, per_client_examples):
     """Base-model embeddings of each client's raw task inputs, cached on disk."""
     from fedrouter_jax.data import input_texts
 
     fp_model = file_fingerprint(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"])
     fp_tok = file_fingerprint([p for p in (model_dir / "tokenizer.json",) if p.exists()])
     out = []
-    for c, examples in enumerate(per_client_examples):
+    for examples in per_client_examples:
         texts = input_texts(examples)
         key = cache_key(fp_model + cfg.model.dtype, texts, cfg.model.embed_max_tokens, fp_tok)
 
@@ -115,8 +115,8 @@ def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
     if cut or rcut:
         print(f"[data] truncated to max_seq_len={cfg.model.max_seq_len}: {cut} prompts cut from the left, "
               f"{rcut} responses cut (raise model.max_seq_len to avoid)")
-    train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train, "train", progress)
-    test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test, "test", progress)
+    train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train)
+    test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test)
     ctx = Context(config=cfg, model_cfg=model_cfg, n_clients=fed.n_clients,
                   train_sizes=np.array([len(t) for t in fed.train]), train_emb=train_emb, test_emb=test_emb)
     return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts, ctx)
@@ -235,7 +235,7 @@ class Run:
         else:
             state, opt_leaves, history = self._restore(store, step)
             start = step
-            print(f"[resume] from the complete checkpoint of round {step} in {store.directory if hasattr(store, 'directory') else self.out}")
+            print(f"[resume] from the complete checkpoint of round {step} in {self.out / 'checkpoints'}")
         _write_jsonl(self.out / "metrics.jsonl", history)
         rounds = cfg.train.rounds
         bar = None

@@ -126,3 +126,24 @@ def test_loader_errors_name_tensor_file_and_shapes(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fedrouter_jax.load_pretrained(tmp_path / "nope")
+
+
+def test_peft_export_loads_in_peft_and_matches(tmp_path):
+    peft = pytest.importorskip("peft")
+    import jax
+
+    from fedrouter_jax.lora import LoraStack, take
+    from helpers import random_lora
+
+    model = make_hf_model(tmp_path / "base", tie=False, rope=LLAMA3_ROPE)
+    cfg, params = fedrouter_jax.load_pretrained(tmp_path / "base")
+    stack = random_lora(cfg, 2, targets=("q_proj", "v_proj", "down_proj"), rank=4)
+    hf_io.export_peft(tmp_path / "adapter", take(stack, 1), base_model_path=str(tmp_path / "base"))
+    peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "adapter").eval()
+    tokens, mask = padded_batch()
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(fedrouter_jax.forward(cfg, params, tokens, mask, lora=stack, adapter_ids=[1, 1, 1]))
+    rel = np.abs(ours[mask] - ref[mask]).max() / np.abs(ref[mask]).max()
+    assert rel <= 1e-4, rel
