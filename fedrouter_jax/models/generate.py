@@ -76,9 +76,10 @@ def greedy_generate_uncached(params, prompt_tokens, prompt_mask, lora=None, adap
     """Reference greedy decoding by full recomputation (no cache, no early stop): [B, N].
     Used to check the cached path; O(N) full forwards."""
     toks, mask = prompt_tokens, prompt_mask
+    apply = jax.jit(partial(llama.apply, cfg=cfg))  # one compile per length; op-by-op is slower
     out = []
     for _ in range(max_new_tokens):
-        logits = llama.apply(params, toks, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids)
+        logits = apply(params, toks, mask, lora=lora, adapter_ids=adapter_ids)
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         out.append(nxt)
         toks = jnp.concatenate([toks, nxt[:, None]], axis=1)
