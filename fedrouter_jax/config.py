@@ -109,6 +109,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     reset_optimizer_each_round: bool = True
     client_mesh_devices: int = 1  # >1 shards the client axis over that many devices; 0 = all
+    # clients trained together (vmapped) inside the round's one call: "auto" = a token budget per
+    # group (training.AUTO_CHUNK_TOKENS), "all" = every client at once, or clients per group
+    client_chunk: Union[int, Literal["auto", "all"]] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,6 +609,9 @@ def validate(cfg: FedRouterConfig) -> None:
     need(t.client_mesh_devices >= 0,
          f"train.client_mesh_devices: expected >= 0 (0 = all devices), got "
          f"{t.client_mesh_devices}")
+    if not isinstance(t.client_chunk, str):
+        need(t.client_chunk >= 1, f"train.client_chunk: expected 'auto', 'all' or an int >= 1, got "
+                                  f"{t.client_chunk}")
     if t.client_mesh_devices > 1:
         need(d.n_clients % t.client_mesh_devices == 0,
              f"train.client_mesh_devices: data.n_clients ({d.n_clients}) must be divisible by "

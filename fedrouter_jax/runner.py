@@ -28,7 +28,7 @@ from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
 from fedrouter_jax.routing import generate_routed
 from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
-from fedrouter_jax.training import (Batch, clients_local_steps, init_opt_states, make_optimizer,
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, make_optimizer,
                                     round_learning_rate, set_learning_rate)
 
 
@@ -262,7 +262,10 @@ class Run:
             batches = Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
             keys = jax.random.split(jax.random.fold_in(self.key, r + 1), j)
             args = shard_clients((plan.start, opt_states, batches, keys, plan.frozen), self.mesh)
-            trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg, optimizer=self.optimizer)
+            chunk = client_chunk_size(cfg.train.client_chunk, j, cfg.train.batch_size * batches.tokens.shape[-1],
+                                      1 if self.mesh is None else self.mesh.devices.size)
+            trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
+                                                               optimizer=self.optimizer, client_chunk=chunk)
             _check_finite(r, plan, metrics, trained)
             state = self.algo.aggregate(data.ctx, state, plan, trained, r)
             state = jax.tree.map(np.asarray, state)

@@ -118,8 +118,39 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
     return lora, opt_state, metrics
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat"), donate_argnums=(1, 2))
-def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer, remat=False):
+def map_in_chunks(fn, xs, chunk: Optional[int]):
+    """`jax.vmap(fn)(xs)` computed `chunk` rows at a time: a `lax.scan` over groups of rows.
+
+    xs leaves have a leading axis N. With `chunk` None or >= N this is plain `vmap`. Otherwise the
+    N rows are split into n = ceil(N / chunk) groups of g = ceil(N / n) rows (the last group
+    padded with copies of the first rows; their results are dropped). Row i goes to group
+    i % n, so a leading axis sharded in contiguous blocks over devices stays sharded on the
+    group axis. Only one group's activations are live at a time: memory is O(g), not O(N).
+    """
+    n_rows = jax.tree.leaves(xs)[0].shape[0]
+    if chunk is None or chunk >= n_rows:
+        return jax.vmap(fn)(xs)
+    if chunk < 1:
+        raise ValueError(f"client chunk must be >= 1, got {chunk}")
+    n = -(-n_rows // chunk)
+    g = -(-n_rows // n)
+    pad = n * g - n_rows
+
+    def split(x):  # [N, ...] -> [n, g, ...] with row i at [i % n, i // n]
+        if pad:
+            x = jnp.concatenate([x, x[:pad]], axis=0)
+        return jnp.swapaxes(x.reshape((g, n) + x.shape[1:]), 0, 1)
+
+    def merge(y):  # [n, g, ...] -> [N, ...]
+        return jnp.swapaxes(y, 0, 1).reshape((n * g,) + y.shape[2:])[:n_rows]
+
+    _, ys = jax.lax.scan(lambda _, x: (None, jax.vmap(fn)(x)), None, jax.tree.map(split, xs))
+    return jax.tree.map(merge, ys)
+
+
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk"), donate_argnums=(1, 2))
+def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer,
+                        remat=False, client_chunk: Optional[int] = None):
     """All clients' local training of one round in ONE compiled call.
 
     loras, opt_states: leading axis C; batches leaves [C, S, B, T]; keys [C, 2];
@@ -127,11 +158,46 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
     Returns (loras [C, ...], opt_states [C, ...], metrics {name: [C, S]}).
     The base is broadcast (in_axes None). If the C-axis inputs are sharded over a mesh
     (`shard_clients`), XLA partitions the vmapped computation over the devices.
+    `client_chunk` vmaps that many clients at a time inside the call (`map_in_chunks`): it bounds
+    activation memory (C x activations otherwise) and keeps a CPU's working set in cache.
+    The result does not depend on it.
     """
-    run = lambda lora, opt, b, k, fr: local_steps(
-        base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat
-    )
-    return jax.vmap(run)(loras, opt_states, batches, keys, frozen)
+    def run(xs):
+        lora, opt, b, k, fr = xs
+        return local_steps(base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat)
+
+    return map_in_chunks(run, (loras, opt_states, batches, keys, frozen), client_chunk)
+
+
+# Tokens per vmapped group of clients under `client_chunk: auto`. On CPU about 2k tokens keep a
+# group's activations in cache (measured in BENCHMARKS.md: groups of 1k-2k tokens ran 1.15-1.6x
+# faster than all clients at once); accelerators want large groups, bounded by memory only.
+AUTO_CHUNK_TOKENS = {"cpu": 2048}
+AUTO_CHUNK_TOKENS_ACCELERATOR = 65536
+
+
+def client_chunk_size(setting, n_clients: int, tokens_per_client: int, n_devices: int = 1) -> Optional[int]:
+    """Clients per vmapped group for `clients_local_steps` (None = all at once).
+
+    setting: "all", "auto" (a token budget per group and device, `AUTO_CHUNK_TOKENS`) or an int
+    (clients per group and device). With a mesh of `n_devices`, groups are whole multiples of
+    the device count that divide the client axis, so each device keeps its own clients.
+    """
+    if setting == "all":
+        return None
+    if setting == "auto":
+        budget = AUTO_CHUNK_TOKENS.get(jax.default_backend(), AUTO_CHUNK_TOKENS_ACCELERATOR)
+        per_device = max(1, budget // max(1, tokens_per_client))
+    else:
+        per_device = int(setting)
+    if per_device * n_devices >= n_clients:
+        return None
+    if n_devices <= 1:
+        return per_device
+    per_dev_clients = n_clients // n_devices
+    n_groups = next(k for k in range(1, per_dev_clients + 1)
+                    if per_dev_clients % k == 0 and per_dev_clients // k <= per_device)
+    return n_clients // n_groups
 
 
 def init_opt_states(optimizer, loras: LoraStack, lr) -> optax.OptState:

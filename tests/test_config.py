@@ -121,6 +121,10 @@ def test_cross_field_checks(tmp_path):
     msg = _err(tmp_path, "lora:\n  targets: [q_proj, qk_proj]\n")
     assert "lora.targets[1]" in msg and "'qk_proj'" in msg
     assert "data.hf_dir: required" in _err(tmp_path, "data:\n  source: hf\n")
+    assert "train.client_chunk: expected 'auto', 'all' or an int >= 1" in _err(tmp_path, "train:\n  client_chunk: 0\n")
+    assert "train.client_chunk" in _err(tmp_path, "train:\n  client_chunk: some\n")
+    assert load_config(None, ["train.client_chunk=16"]).train.client_chunk == 16
+    assert load_config(None, ["train.client_chunk=all"]).train.client_chunk == "all"
 
 
 def test_model_path(tmp_path):

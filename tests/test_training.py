@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrouter_jax.lora import take
-from fedrouter_jax.training import (Batch, clients_local_steps, init_opt_states, lora_train_step,
-                                    make_optimizer, set_learning_rate)
+import pytest
+
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, lora_train_step,
+                                    make_optimizer, map_in_chunks, set_learning_rate)
 
 from helpers import random_batch, random_lora, tiny_model
 
@@ -45,6 +47,37 @@ def test_client_mapped_equals_python_loop():
     for c in range(C):
         for got, want in zip(jax.tree.leaves(take(out, c)), jax.tree.leaves(ref_loras[c])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])  # 2 of 3 clients: two groups of 2, one padded row
+def test_client_chunks_equal_all_clients_at_once(chunk):
+    cfg, base, loras, opt, states, batches, keys = setup()
+    whole = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
+    cfg, base, loras, opt, states, batches, keys = setup()  # the call donated the adapters
+    chunked = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt, client_chunk=chunk)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_map_in_chunks_order_and_padding():
+    xs = {"a": jnp.arange(7.0), "b": jnp.arange(14.0).reshape(7, 2)}
+    fn = lambda x: x["a"] * 10 + x["b"].sum()
+    want = jax.vmap(fn)(xs)
+    for chunk in (None, 1, 2, 3, 4, 6, 7, 100):
+        np.testing.assert_array_equal(np.asarray(map_in_chunks(fn, xs, chunk)), np.asarray(want))
+
+
+def test_client_chunk_size():
+    assert client_chunk_size("all", 128, 64) is None
+    assert client_chunk_size(16, 128, 64) == 16
+    assert client_chunk_size(200, 128, 64) is None
+    assert client_chunk_size("auto", 128, 64) == 2048 // 64  # CPU budget: 2048 tokens per group
+    assert client_chunk_size("auto", 8, 256) is None  # 8 x 256 tokens fit one group
+    assert client_chunk_size("auto", 8, 4096) == 1
+    # with 4 devices, groups are multiples of 4 that divide the client axis
+    assert client_chunk_size(3, 24, 64, n_devices=4) == 12  # 6 per device -> 2 groups of 3 per device
+    assert client_chunk_size(2, 24, 64, n_devices=4) == 8
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -90,6 +123,12 @@ SHARDED = textwrap.dedent("""
     lora_leaf = jax.tree.leaves(sharded[0])[0]
     assert len(lora_leaf.sharding.device_set) == 4, lora_leaf.sharding
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # two groups of 4 clients, one client per device in each group
+    chunked = clients_local_steps(replicate(base, mesh), *shard_clients(inputs(), mesh), cfg=cfg, optimizer=opt,
+                                  client_chunk=4)
+    assert len(jax.tree.leaves(chunked[0])[0].sharding.device_set) == 4
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(chunked)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     print("SHARDED-OK")
 """)

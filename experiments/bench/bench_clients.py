@@ -3,12 +3,15 @@
 One round = C clients x S local AdamW steps from one global adapter (fresh optimizer state per
 client, as the runner does). Both variants run the same JAX code (`training.local_steps`):
 
-  mapped  `training.clients_local_steps`: `vmap` over clients of the `lax.scan` over steps, one
-          jitted call for the whole round (base broadcast, held once).
+  mapped  `training.clients_local_steps` as the runner calls it (`client_chunk: auto`): one jitted
+          call for the whole round, `vmap` over groups of clients (about 2k tokens per group on
+          CPU) inside a `lax.scan` over the groups, `lax.scan` over steps (base held once).
+  all     the same call with every client vmapped at once (`client_chunk: all`).
   loop    a Python loop over clients calling a jitted per-client `local_steps` (S steps in one
           call per client; per-client batches pre-split outside the timed region).
 
-Reports client-steps/s, tokens/s (B*T per client-step) and mapped/loop for C = 8, 32, 128.
+Reports client-steps/s, tokens/s (B*T per client-step) and the ratios to the loop for
+C = 8, 32, 128.
 
   python experiments/bench/bench_clients.py          # embedded-size model (d 256, 4 layers)
   python experiments/bench/bench_clients.py --small  # seconds (smoke test)
@@ -26,8 +29,8 @@ import common  # noqa: E402
 import jax  # noqa: E402
 
 from fedrouter_jax import lora as lora_lib  # noqa: E402
-from fedrouter_jax.training import (Batch, clients_local_steps, init_opt_states, local_steps,  # noqa: E402
-                                    make_optimizer, set_learning_rate)
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states,  # noqa: E402
+                                    local_steps, make_optimizer, set_learning_rate)
 
 LR = 5e-4
 
@@ -41,9 +44,11 @@ def run_one(cfg, base, C, S, B, T, repeats) -> dict:
 
     start = jax.jit(lambda g: (lambda loras: (loras, init_opt_states(opt, loras, LR)))(lora_lib.broadcast(g, C)))
 
-    def mapped():
+    chunk = client_chunk_size("auto", C, B * T)
+
+    def mapped(chunk=chunk):
         loras, states = start(global_lora)
-        return clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)[0]
+        return clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt, client_chunk=chunk)[0]
 
     one = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))
     init_one = jax.jit(lambda lora: set_learning_rate(opt.init(lora), LR))
@@ -55,12 +60,16 @@ def run_one(cfg, base, C, S, B, T, repeats) -> dict:
             out.append(lora)
         return lora_lib.stack_adapters(out)
 
-    r = common.alternate({"mapped": mapped, "loop": loop}, repeats=repeats, warmup=1)
-    res = {"C": C, "S": S, "B": B, "T": T}
+    variants = {"mapped": mapped, "loop": loop}
+    if chunk is not None:
+        variants["all"] = lambda: mapped(None)
+    r = common.alternate(variants, repeats=repeats, warmup=1)
+    res = {"C": C, "S": S, "B": B, "T": T, "chunk": chunk}
     for name, v in r.items():
         res[name] = {"round_s": v["median"], "round_s_all": v["wall"], "client_steps_per_s": C * S / v["median"],
                      "tokens_per_s": C * S * B * T / v["median"], "cpu_over_wall": v["cpu_median"] / v["median"]}
     res["ratio"] = r["loop"]["median"] / r["mapped"]["median"]
+    res["ratio_all"] = r["loop"]["median"] / r["all" if chunk is not None else "mapped"]["median"]
     return res
 
 
@@ -79,15 +88,16 @@ def main(argv=None) -> dict:
     base = common.base_params(cfg)
     per = lambda xs, i: xs[min(i, len(xs) - 1)]
     results = {"model": args.model, "runs": []}
-    print(f"{'C':>5s} {'S':>3s} {'B':>3s} {'T':>4s} | {'mapped c-steps/s':>16s} {'tokens/s':>9s} | "
-          f"{'loop c-steps/s':>14s} {'tokens/s':>9s} | {'mapped/loop':>11s}  cpu/wall m,l")
+    print(f"{'C':>5s} {'S':>3s} {'B':>3s} {'T':>4s} {'chunk':>5s} | {'mapped c-steps/s':>16s} {'tokens/s':>9s} | "
+          f"{'loop c-steps/s':>14s} {'tokens/s':>9s} | {'mapped/loop':>11s} {'all/loop':>8s}  cpu/wall m,l")
     for i, C in enumerate(args.clients):
         res = run_one(cfg, base, C, args.steps, per(args.batch, i), per(args.seq, i), args.repeats)
         results["runs"].append(res)
         m, lp = res["mapped"], res["loop"]
-        print(f"{C:5d} {res['S']:3d} {res['B']:3d} {res['T']:4d} | {m['client_steps_per_s']:16.2f} "
-              f"{m['tokens_per_s']:9.0f} | {lp['client_steps_per_s']:14.2f} {lp['tokens_per_s']:9.0f} | "
-              f"{res['ratio']:11.2f}  {m['cpu_over_wall']:.2f},{lp['cpu_over_wall']:.2f}", flush=True)
+        print(f"{C:5d} {res['S']:3d} {res['B']:3d} {res['T']:4d} {str(res['chunk'] or 'all'):>5s} | "
+              f"{m['client_steps_per_s']:16.2f} {m['tokens_per_s']:9.0f} | {lp['client_steps_per_s']:14.2f} "
+              f"{lp['tokens_per_s']:9.0f} | {res['ratio']:11.2f} {res['ratio_all']:8.2f}  "
+              f"{m['cpu_over_wall']:.2f},{lp['cpu_over_wall']:.2f}", flush=True)
     common.footer(info, results, args)
     return results
 
