@@ -112,6 +112,9 @@ class TrainConfig:
     # clients trained together (vmapped) inside the round's one call: "auto" = a token budget per
     # group (training.AUTO_CHUNK_TOKENS), "all" = every client at once, or clients per group
     client_chunk: Union[int, Literal["auto", "all"]] = "auto"
+    # where the LM head (D x V matmul + softmax) is computed while training: only at positions
+    # that predict a response token (same loss, less work), or at every position
+    lm_head_on: Literal["loss_tokens", "all_tokens"] = "loss_tokens"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, l
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
+from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches
 from fedrouter_jax.routing import generate_routed
 from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
 from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, make_optimizer,
@@ -181,6 +182,10 @@ def _check_finite(round_idx: int, plan, metrics, trained) -> None:
     bad_slots = np.flatnonzero(~(np.isfinite(loss).all(1) & np.isfinite(gnorm).all(1)))
     leaf_ok = [np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(trained)]
     bad_slots = np.union1d(bad_slots, np.flatnonzero(~np.logical_and.reduce(leaf_ok)))
+    overflow = np.asarray(metrics["head_overflow"])
+    if overflow.any():  # a sizing bug, never a data problem: head_tokens_for_batches covers every batch
+        raise RuntimeError(f"round {round_idx + 1}: {int(overflow.max())} loss tokens did not fit the LM-head "
+                           "budget (training.response_loss_on_loss_tokens); set train.lm_head_on: all_tokens")
     if bad_slots.size:
         clients = sorted({int(plan.slot_client[j]) for j in bad_slots})
         raise NonFiniteError(
@@ -211,6 +216,8 @@ class Run:
         self.mesh = client_mesh(cfg.train.client_mesh_devices)
         self.base = replicate(self.data.base, self.mesh)
         self.key = jax.random.PRNGKey(cfg.seed)
+        # LM-head positions per batch that cover any batch of distinct training rows (one compile)
+        self.head_budget = head_token_budget(self.data.train_sets, cfg.train.batch_size)
 
     # -- state -------------------------------------------------------------------------------
     def _initial(self):
@@ -264,8 +271,12 @@ class Run:
             args = shard_clients((plan.start, opt_states, batches, keys, plan.frozen), self.mesh)
             chunk = client_chunk_size(cfg.train.client_chunk, j, cfg.train.batch_size * batches.tokens.shape[-1],
                                       1 if self.mesh is None else self.mesh.devices.size)
+            head = None
+            if cfg.train.lm_head_on == "loss_tokens":
+                head = head_tokens_for_batches(self.head_budget, b["loss_mask"])
             trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
-                                                               optimizer=self.optimizer, client_chunk=chunk)
+                                                               optimizer=self.optimizer, client_chunk=chunk,
+                                                               head_tokens=head)
             _check_finite(r, plan, metrics, trained)
             state = self.algo.aggregate(data.ctx, state, plan, trained, r)
             state = jax.tree.map(np.asarray, state)

@@ -72,9 +72,40 @@ def response_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array
     return (nll * w).sum() / jnp.maximum(n, 1.0), n
 
 
-def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False):
-    logits = llama.apply(base, batch.tokens, batch.mask, cfg=cfg, lora=with_frozen(lora, frozen), remat=remat)
-    return response_loss(logits, batch)
+def response_loss_on_loss_tokens(base: dict, hidden: jax.Array, batch: Batch, cfg: LlamaConfig,
+                                 head_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`response_loss` with the LM head and softmax computed only where a loss is taken.
+
+    hidden: [B, T, D] final-normed states. The (at most `head_tokens`) positions t whose next
+    token is a response token are gathered into `[head_tokens, D]` before the head, so prompt
+    and padding positions cost no `D x V` matmul and no V-wide softmax (the head's gradient is a
+    scatter-add back). Returns (loss, n_tokens, overflow): `overflow` counts loss tokens beyond
+    `head_tokens` (left out of the loss); callers must size `head_tokens` so it is 0, and the
+    runner checks it every round.
+    """
+    w = batch.loss_mask[:, 1:].reshape(-1)
+    n = w.sum()
+    idx = jnp.nonzero(w, size=head_tokens, fill_value=0)[0]  # [head_tokens] flat positions
+    valid = (jnp.arange(head_tokens) < n).astype(jnp.float32)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx]
+    targets = batch.tokens[:, 1:].reshape(-1)[idx]
+    logp = jax.nn.log_softmax(llama.lm_head(base, h, cfg), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    used = valid.sum()
+    return (nll * valid).sum() / jnp.maximum(used, 1.0), n.astype(jnp.float32), n - used.astype(n.dtype)
+
+
+def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False,
+              head_tokens: Optional[int] = None):
+    """(loss, (n_tokens, overflow)). `head_tokens`: see `response_loss_on_loss_tokens`; None
+    computes the head on all B x T positions."""
+    lora = with_frozen(lora, frozen)
+    if head_tokens is None:
+        loss, n = response_loss(llama.apply(base, batch.tokens, batch.mask, cfg=cfg, lora=lora, remat=remat), batch)
+        return loss, (n, jnp.zeros((), jnp.int32))
+    hidden = llama.transformer(base, batch.tokens, batch.mask, cfg=cfg, lora=lora, remat=remat)
+    loss, n, overflow = response_loss_on_loss_tokens(base, hidden, batch, cfg, head_tokens)
+    return loss, (n, overflow.astype(jnp.int32))
 
 
 def lora_train_step(
@@ -88,21 +119,26 @@ def lora_train_step(
     optimizer: optax.GradientTransformation,
     frozen: Optional[LoraStack] = None,
     remat: bool = False,
+    head_tokens: Optional[int] = None,
 ):
     """One AdamW step on a single adapter. batch leaves [B, T] -> (lora, opt_state, metrics).
 
     `key` is accepted for stochastic regularisers (LoRA dropout is 0 here, as in the paper's
     setup) so the signature does not change when one is added. metrics: loss, n_tokens,
-    grad_norm (all scalars; the runner checks them for NaN/Inf once per round).
+    grad_norm, head_overflow (all scalars; the runner checks them once per round).
+    `head_tokens`: compute the LM head only on that many loss positions (see `lora_loss`).
     """
     del key
-    (loss, n), grads = jax.value_and_grad(lora_loss, has_aux=True)(lora, base, batch, cfg, frozen, remat)
+    (loss, (n, overflow)), grads = jax.value_and_grad(lora_loss, has_aux=True)(
+        lora, base, batch, cfg, frozen, remat, head_tokens)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
-    return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads)}
+    return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads),
+                             "head_overflow": overflow}
 
 
-def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, frozen=None, remat=False):
+def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, frozen=None, remat=False,
+                head_tokens=None):
     """S steps by `lax.scan` over batches [S, B, T] -> (lora, opt_state, metrics [S])."""
     keys = jax.random.split(key, batches.tokens.shape[0])
 
@@ -110,7 +146,8 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
         lora, opt_state = carry
         batch, k = xs
         lora, opt_state, m = lora_train_step(
-            base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat
+            base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat,
+            head_tokens=head_tokens,
         )
         return (lora, opt_state), m
 
@@ -148,9 +185,10 @@ def map_in_chunks(fn, xs, chunk: Optional[int]):
     return jax.tree.map(merge, ys)
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk"), donate_argnums=(1, 2))
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk", "head_tokens"),
+         donate_argnums=(1, 2))
 def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer,
-                        remat=False, client_chunk: Optional[int] = None):
+                        remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None):
     """All clients' local training of one round in ONE compiled call.
 
     loras, opt_states: leading axis C; batches leaves [C, S, B, T]; keys [C, 2];
@@ -160,11 +198,13 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
     (`shard_clients`), XLA partitions the vmapped computation over the devices.
     `client_chunk` vmaps that many clients at a time inside the call (`map_in_chunks`): it bounds
     activation memory (C x activations otherwise) and keeps a CPU's working set in cache.
-    The result does not depend on it.
+    The result does not depend on it. `head_tokens`: the LM head on loss positions only (see
+    `response_loss_on_loss_tokens`; metrics["head_overflow"] must be 0).
     """
     def run(xs):
         lora, opt, b, k, fr = xs
-        return local_steps(base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat)
+        return local_steps(base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat,
+                           head_tokens=head_tokens)
 
     return map_in_chunks(run, (loras, opt_states, batches, keys, frozen), client_chunk)
 

@@ -7,6 +7,8 @@ from transformers import AutoTokenizer
 from fedrouter_jax.data.batching import (
     encode_inputs,
     encode_prompts,
+    head_token_budget,
+    head_tokens_for_batches,
     sample_round_batches,
     tokenize_examples,
 )
@@ -137,3 +139,22 @@ def test_sample_round_batches(tok, examples):
     with pytest.raises(ValueError, match="client 1: empty pool"):
         sample_round_batches(sets, [pools[0], np.array([], int)], steps=1, batch_size=2,
                              seed=0, round_idx=0)
+
+
+def test_head_token_budget_covers_every_batch(tok, examples):
+    sets = [tokenize_examples(examples[:40], tok, 256), tokenize_examples(examples[40:], tok, 256)]
+    counts = np.concatenate([ts.loss_mask[:, 1:].sum(1) for ts in sets])
+    budget = head_token_budget(sets, batch_size=4)
+    assert budget % 64 == 0 and np.sort(counts)[-4:].sum() <= budget < np.sort(counts)[-4:].sum() + 64
+    assert budget < 4 * 255  # far fewer than all positions: responses are short
+    for r in range(5):  # distinct rows per batch: the budget is kept
+        b = sample_round_batches(sets, None, steps=3, batch_size=4, seed=0, round_idx=r)
+        assert b["loss_mask"][..., 1:].sum(axis=(-1, -2)).max() <= budget
+        assert head_tokens_for_batches(budget, b["loss_mask"]) == budget
+    # a pool smaller than the batch repeats its longest row: the round asks for more
+    longest = int(np.argmax(sets[0].loss_mask[:, 1:].sum(1)))
+    b = sample_round_batches(sets, [np.array([longest]), None], steps=1, batch_size=4, seed=0, round_idx=0)
+    need = int(b["loss_mask"][..., 1:].sum(axis=(-1, -2)).max())
+    got = head_tokens_for_batches(64, b["loss_mask"])
+    assert need > 64 and got >= need and got % 64 == 0
+    assert head_token_budget(sets, batch_size=1, multiple=10_000) == 255  # never above all positions

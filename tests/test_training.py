@@ -11,8 +11,8 @@ import numpy as np
 from fedrouter_jax.lora import take
 import pytest
 
-from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, lora_train_step,
-                                    make_optimizer, map_in_chunks, set_learning_rate)
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, lora_loss,
+                                    lora_train_step, make_optimizer, map_in_chunks, set_learning_rate)
 
 from helpers import random_batch, random_lora, tiny_model
 
@@ -58,6 +58,22 @@ def test_client_chunks_equal_all_clients_at_once(chunk):
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_lm_head_on_loss_tokens_equals_all_positions():
+    cfg, base, loras, opt, states, batches, keys = setup()
+    lora, batch = take(loras, 0), Batch(*(x[0, 0] for x in batches))
+    n = int(batch.loss_mask[:, 1:].sum())
+    grad = jax.jit(jax.value_and_grad(lora_loss, has_aux=True), static_argnums=(3, 4, 5, 6))
+    (want, (n_all, _)), g_want = grad(lora, base, batch, cfg, None, False, None)
+    for head in (n, n + 5, B * (T - 1)):
+        (got, (n_got, overflow)), g_got = grad(lora, base, batch, cfg, None, False, head)
+        assert int(overflow) == 0 and float(n_got) == float(n_all) == n
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    (_, (_, overflow)), _ = grad(lora, base, batch, cfg, None, False, n - 3)
+    assert int(overflow) == 3  # reported, never silent
 
 
 def test_map_in_chunks_order_and_padding():

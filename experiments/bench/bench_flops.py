@@ -5,7 +5,10 @@
    model, B 16, T 128, LoRA r 8 on q,k,v,o; achieved FLOP/s with the count in
    `common.train_step_flops` (4 N per token for the frozen base's matmul params incl. lm_head,
    attention QK^T and PV forward + backward, LoRA forward + backward incl. weight gradients).
-   Peak and step are alternated in the same run; the ratio is step FLOP/s / peak FLOP/s.
+   Two variants: `step` as the runner trains (`lm_head_on: loss_tokens`: the head only at the
+   positions that predict a response token, counted for those positions only) and `step_all`
+   (the head at every position, the issue's plain count). Peak and steps are alternated in the
+   same run; the ratio is step FLOP/s / peak FLOP/s.
 3. Memory: `clients_local_steps` for C = 1, 2, 4, 8 clients, each in a fresh subprocess; peak
    RSS against C. The base is an `in_axes=None` argument of the client vmap, so the growth per
    added client should be adapter + optimizer state + activations + batches, not a base copy.
@@ -29,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedrouter_jax import lora as lora_lib  # noqa: E402
+from fedrouter_jax.data.batching import head_tokens_for_batches  # noqa: E402
 from fedrouter_jax.training import (clients_local_steps, init_opt_states, local_steps,  # noqa: E402
                                     make_optimizer, set_learning_rate)
 
@@ -86,36 +90,40 @@ def main(argv=None) -> dict:
     opt = make_optimizer()
     state = set_learning_rate(opt.init(lora), 5e-4)
     batches = common.jax_batches((S, B, T), cfg.vocab_size)
-    step = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))
+    head = head_tokens_for_batches(0, np.asarray(batches.loss_mask))  # as the runner sizes it
+    steps = {"step": jax.jit(partial(local_steps, cfg=cfg, optimizer=opt, head_tokens=head)),
+             "step_all": jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))}
     key = jax.random.PRNGKey(0)
     n = args.mm
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n))
     mm = jax.jit(lambda a, b: a @ b)
-    r = common.alternate({"matmul": lambda: mm(a, b), "step": lambda: step(base, lora, state, batches, key)},
-                         repeats=args.repeats, warmup=1)
-    flops = common.train_step_flops(cfg, B, T)
+    fns = {"matmul": lambda: mm(a, b)}
+    fns.update({k: (lambda f=f: f(base, lora, state, batches, key)) for k, f in steps.items()})
+    r = common.alternate(fns, repeats=args.repeats, warmup=1)
     peak = 2 * n**3 / r["matmul"]["median"]
-    s_per_step = r["step"]["median"] / S
-    achieved = flops["total"] / s_per_step
+    cpu_peak = 2 * n**3 / r["matmul"]["cpu_median"]
     results = {"model": args.model, "params": int(sum(x.size for x in jax.tree.leaves(base))),
                "B": B, "T": T, "matmul_n": n, "peak_flops": peak, "peak_flops_best": 2 * n**3 / r["matmul"]["min"],
-               "step_s": s_per_step, "step_flops": flops, "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
+               "peak_flops_per_cpu_s": cpu_peak, "head_tokens": head,
                "cpu_over_wall": {k: v["cpu_median"] / v["median"] for k, v in r.items()}}
-    cpu_peak = 2 * n**3 / r["matmul"]["cpu_median"]
-    cpu_step = flops["total"] * S / r["step"]["cpu_median"]
-    results.update(peak_flops_per_cpu_s=cpu_peak, step_flops_per_cpu_s=cpu_step, fraction_of_peak_cpu=cpu_step / cpu_peak)
     print(f"matmul {n}^3 fp32 (jit): {peak / 1e9:.1f} GFLOP/s median ({results['peak_flops_best'] / 1e9:.1f} best)")
     print(f"model {args.model}: {results['params'] / 1e6:.1f}M params, B={B} T={T}, LoRA r{common.RANK} "
-          f"{','.join(common.TARGETS)}")
-    print(f"FLOPs per step: base {flops['base'] / 1e9:.1f} G (4 x {flops['n_base_matmul_params'] / 1e6:.1f}M x "
-          f"{B * T} tokens) + attention {flops['attention'] / 1e9:.1f} G + LoRA {flops['lora'] / 1e9:.2f} G "
-          f"= {flops['total'] / 1e9:.1f} GFLOP")
-    print(f"our step: {s_per_step:.3f} s/step -> {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of "
-          f"the matmul peak (cpu/wall: matmul {results['cpu_over_wall']['matmul']:.2f}, "
-          f"step {results['cpu_over_wall']['step']:.2f})")
-    print(f"per CPU-second of this process (less sensitive to other load): matmul {cpu_peak / 1e9:.1f}, "
-          f"step {cpu_step / 1e9:.1f} GFLOP/cpu-s = {100 * cpu_step / cpu_peak:.0f}%")
+          f"{','.join(common.TARGETS)}; LM head on {head} of {B * T} positions in `step`")
+    for name in steps:
+        flops = common.train_step_flops(cfg, B, T, head_tokens=head if name == "step" else None)
+        s_per_step = r[name]["median"] / S
+        achieved = flops["total"] / s_per_step
+        cpu_step = flops["total"] * S / r[name]["cpu_median"]
+        results[name] = {"step_s": s_per_step, "step_flops": flops, "achieved_flops": achieved,
+                         "fraction_of_peak": achieved / peak, "flops_per_cpu_s": cpu_step,
+                         "fraction_of_peak_cpu": cpu_step / cpu_peak}
+        print(f"{name:8s} FLOPs per step: base {flops['base'] / 1e9:.1f} G (4 x {flops['n_base_matmul_params'] / 1e6:.1f}M "
+              f"params, head on {flops['head_positions']} positions) + attention {flops['attention'] / 1e9:.1f} G + "
+              f"LoRA {flops['lora'] / 1e9:.2f} G = {flops['total'] / 1e9:.1f} GFLOP")
+        print(f"{name:8s} {s_per_step:.3f} s/step -> {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of "
+              f"the matmul peak (cpu/wall {results['cpu_over_wall'][name]:.2f}); per CPU-second "
+              f"{cpu_step / 1e9:.1f} vs matmul {cpu_peak / 1e9:.1f} = {100 * cpu_step / cpu_peak:.0f}%")
 
     # --- 3: memory per simulated client (fresh process per C) --------------------------------
     mem = []

@@ -4,8 +4,10 @@ Data: the Dirichlet task mixture of `fedrouter_jax.data.scenarios` (alpha 0.5, s
 examples) tokenized to T tokens with a small BPE trained on the first clients' examples; each
 round samples S x B examples per client with `data.batching.sample_round_batches`.
 A round = sample batches (numpy) + one `clients_local_steps` call for all C clients (fresh
-AdamW state per client) + FedAvg of the adapters. Each C runs in a fresh process so its peak
-RSS is its own; where memory would end is extrapolated from the measured bytes per client.
+AdamW state per client) + FedAvg of the adapters, called as the runner calls it: clients
+vmapped in groups (`--chunk`, default `auto` = about 2k tokens per group on CPU; `all` = every
+client at once) and the LM head on loss positions only. Each C runs in a fresh process so its
+peak RSS is its own; where memory would end is extrapolated from the measured bytes per client.
 
   python experiments/bench/bench_scale.py
   python experiments/bench/bench_scale.py --small
@@ -27,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedrouter_jax import lora as lora_lib  # noqa: E402
-from fedrouter_jax.training import Batch, clients_local_steps, init_opt_states, make_optimizer  # noqa: E402
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states,  # noqa: E402
+                                    make_optimizer)
 
 LR = 5e-4
 
@@ -45,8 +48,8 @@ def client_data(C: int, T: int, per_client: int, vocab: int, seed: int = 0):
     return [tokenize_examples(c, tok, T, warn=False) for c in data.train]
 
 
-def child(model: str, C: int, S: int, B: int, T: int, rounds: int) -> dict:
-    from fedrouter_jax.data.batching import sample_round_batches
+def child(model: str, C: int, S: int, B: int, T: int, rounds: int, chunk_setting="auto") -> dict:
+    from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches, sample_round_batches
 
     cfg = common.CONFIGS[model]
     base = jax.block_until_ready(common.base_params(cfg))
@@ -54,6 +57,8 @@ def child(model: str, C: int, S: int, B: int, T: int, rounds: int) -> dict:
     t0 = time.perf_counter()
     sets = client_data(C, T, per_client=max(S * B, 8), vocab=cfg.vocab_size)
     data_s = time.perf_counter() - t0
+    chunk = client_chunk_size(chunk_setting if chunk_setting in ("auto", "all") else int(chunk_setting), C, B * T)
+    budget = head_token_budget(sets, B)
     opt = make_optimizer()
     global_lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
     start = jax.jit(lambda g: (lambda l: (l, init_opt_states(opt, l, LR)))(lora_lib.broadcast(g, C)))
@@ -64,7 +69,9 @@ def child(model: str, C: int, S: int, B: int, T: int, rounds: int) -> dict:
         batches = Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
         keys = jax.random.split(jax.random.PRNGKey(r), C)
         loras, states = start(g)
-        loras, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
+        loras, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt,
+                                                client_chunk=chunk,
+                                                head_tokens=head_tokens_for_batches(budget, b["loss_mask"]))
         return jax.block_until_ready(fedavg(loras)), metrics
 
     t0 = time.perf_counter()
@@ -76,7 +83,7 @@ def child(model: str, C: int, S: int, B: int, T: int, rounds: int) -> dict:
         g, metrics = one_round(r, g)
         times.append(time.perf_counter() - t0)
     loss = np.asarray(metrics["loss"])
-    return {"C": C, "round_s": float(np.median(times)), "round_s_all": times, "first_round_s": first_s,
+    return {"C": C, "chunk": chunk, "round_s": float(np.median(times)), "round_s_all": times, "first_round_s": first_s,
             "data_prep_s": data_s, "peak_rss": common.peak_rss_bytes(), "rss_after_base": rss0,
             "base_bytes": common.tree_bytes(base), "adapter_bytes": common.tree_bytes(global_lora),
             "loss_finite": bool(np.isfinite(loss).all())}
@@ -85,7 +92,8 @@ def child(model: str, C: int, S: int, B: int, T: int, rounds: int) -> dict:
 def main(argv=None) -> dict:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=2)
     p.add_argument("--model", default="tiny", choices=sorted(common.CONFIGS))
-    p.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128, 512])
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
+    p.add_argument("--chunk", default="auto", help="clients per vmapped group: auto, all or an int")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
@@ -101,13 +109,13 @@ def main(argv=None) -> dict:
 
     ram = psutil.virtual_memory().total
     results = {"model": args.model, "S": args.steps, "B": args.batch, "T": args.seq, "ram_bytes": ram, "runs": []}
-    print(f"{'C':>5s} {'round s':>8s} {'rounds/s':>9s} {'client-steps/s':>15s} {'peak RSS MiB':>13s} "
+    print(f"{'C':>5s} {'chunk':>5s} {'round s':>8s} {'rounds/s':>9s} {'client-steps/s':>15s} {'peak RSS MiB':>13s} "
           f"{'1st round s':>11s}")
     for C in args.clients:
         if args.small:  # smoke test: in-process (peak RSS is then cumulative, not per C)
-            m = child(args.model, C, args.steps, args.batch, args.seq, args.repeats)
+            m = child(args.model, C, args.steps, args.batch, args.seq, args.repeats, args.chunk)
         else:
-            spec = json.dumps([args.model, C, args.steps, args.batch, args.seq, args.repeats])
+            spec = json.dumps([args.model, C, args.steps, args.batch, args.seq, args.repeats, args.chunk])
             out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
             if out.returncode != 0:  # e.g. killed for memory: report and stop growing C
                 print(f"{C:5d} failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
@@ -115,7 +123,7 @@ def main(argv=None) -> dict:
                 break
             m = json.loads(out.stdout.strip().splitlines()[-1])
         results["runs"].append(m)
-        print(f"{C:5d} {m['round_s']:8.3f} {1 / m['round_s']:9.3f} {C * args.steps / m['round_s']:15.1f} "
+        print(f"{C:5d} {str(m['chunk'] or 'all'):>5s} {m['round_s']:8.3f} {1 / m['round_s']:9.3f} {C * args.steps / m['round_s']:15.1f} "
               f"{m['peak_rss'] / 2**20:13.1f} {m['first_round_s']:11.1f}", flush=True)
     ok = [m for m in results["runs"] if "failed" not in m]
     if len(ok) >= 2:

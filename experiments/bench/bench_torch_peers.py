@@ -5,7 +5,10 @@ Same Llama (built as `transformers.LlamaForCausalLM` from our config, saved with
 loaded by us with `fedrouter_jax.load_pretrained`), same LoRA (q,k,v,o, rank 8, alpha 16, PEFT
 init), same batches, same response-only loss, same steps. Variants, alternated in one process:
 
-  jax        `training.clients_local_steps`: all clients' S steps in one jitted call, + FedAvg.
+  jax        `training.clients_local_steps` as the runner calls it: all clients' S steps in one
+             jitted call (`client_chunk: auto`), the LM head only at positions that predict a
+             response token (`lm_head_on: loss_tokens`; same loss), + FedAvg.
+  jax_all    the same with the LM head at every position (`lm_head_on: all_tokens`), as torch.
   torch_lean a skilled user's loop: the PEFT model is created once; per client load the global
              adapter (`set_peft_model_state_dict`), a plain `torch.optim.AdamW` loop of S steps
              (`model.train()`, base frozen by PEFT, fused AdamW), read the adapter back; FedAvg.
@@ -37,7 +40,9 @@ import numpy as np  # noqa: E402
 
 from fedrouter_jax import lora as lora_lib  # noqa: E402
 from fedrouter_jax.api import load_pretrained  # noqa: E402
-from fedrouter_jax.training import Batch, clients_local_steps, init_opt_states, make_optimizer  # noqa: E402
+from fedrouter_jax.data.batching import head_tokens_for_batches  # noqa: E402
+from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states,  # noqa: E402
+                                    make_optimizer)
 
 LR = 5e-4
 
@@ -114,10 +119,14 @@ def main(argv=None) -> dict:
     opt = make_optimizer()
     keys = jax.random.split(jax.random.PRNGKey(0), C)
 
-    def jax_round():
+    chunk = client_chunk_size("auto", C, B * T)
+    head = head_tokens_for_batches(0, loss_mask)
+
+    def jax_round(head=head):
         loras = lora_lib.broadcast(global_jax, C)
         states = init_opt_states(opt, loras, LR)
-        loras, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
+        loras, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt,
+                                                client_chunk=chunk, head_tokens=head)
         return jax.tree.map(lambda x: x.mean(axis=0), loras), metrics
 
     # --- torch, lean --------------------------------------------------------------------------
@@ -171,13 +180,15 @@ def main(argv=None) -> dict:
     print(f"first-step loss: jax {jax_loss:.5f}  torch {torch_loss:.5f}")
     assert abs(jax_loss - torch_loss) < 1e-3 * max(1.0, abs(torch_loss)), (jax_loss, torch_loss)
 
-    variants = {"jax": jax_round, "torch_lean": torch_lean_round}
+    variants = {"jax": jax_round, "jax_all": lambda: jax_round(None), "torch_lean": torch_lean_round}
     if not args.no_trainer:
         variants["torch_hf"] = torch_hf_round
     r = common.alternate(variants, repeats=args.repeats, warmup=1)
-    flops = common.train_step_flops(cfg, B, T)
+    flops = common.train_step_flops(cfg, B, T)  # the head at every position (as torch computes)
+    flops_ours = common.train_step_flops(cfg, B, T, head_tokens=head)["total"]
     results = {"config": {"model": args.model, "clients": C, "steps": S, "batch": B, "seq": T},
-               "flops_per_step": flops["total"]}
+               "flops_per_step": flops["total"], "flops_per_step_loss_tokens_head": flops_ours, "head_tokens": head}
+    print(f"LM head positions: {head} of {B * T} in `jax` (each batch's loss positions, rounded up to 64)")
     print(f"\nmodel {args.model} ({sum(x.size for x in jax.tree.leaves(base)) / 1e6:.1f}M params), "
           f"C={C} clients x S={S} steps, B={B}, T={T}, LoRA r{common.RANK} on {','.join(common.TARGETS)}")
     print(f"{'variant':12s} {'round s (med)':>14s} {'client-steps/s':>15s} {'s/step':>8s} {'GFLOP/s':>8s} "
@@ -185,11 +196,12 @@ def main(argv=None) -> dict:
     for name, v in r.items():
         steps_per_s = C * S / v["median"]
         speedup = v["median"] / r["jax"]["median"]
+        f = flops_ours if name == "jax" else flops["total"]
         results[name] = {"round_s": v["median"], "round_s_all": v["wall"], "client_steps_per_s": steps_per_s,
-                         "s_per_step": 1 / steps_per_s, "gflops": flops["total"] * steps_per_s / 1e9,
+                         "s_per_step": 1 / steps_per_s, "gflops": f * steps_per_s / 1e9,
                          "ours_speedup": speedup}
         print(f"{name:12s} {v['median']:14.3f} {steps_per_s:15.3f} {1 / steps_per_s:8.3f} "
-              f"{flops['total'] * steps_per_s / 1e9:8.1f} {v['cpu_median'] / v['median']:8.2f} {speedup:17.2f}")
+              f"{f * steps_per_s / 1e9:8.1f} {v['cpu_median'] / v['median']:8.2f} {speedup:17.2f}")
     common.footer(info, results, args)
     tmp.cleanup()
     return results

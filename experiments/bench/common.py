@@ -86,12 +86,15 @@ def jax_batches(shape, vocab: int, seed: int = 0) -> Batch:
 # FLOP count of one LoRA training step (what the step must do, not what XLA happens to do)
 # ---------------------------------------------------------------------------------------------
 def train_step_flops(cfg: LlamaConfig, batch: int, seq: int, *, rank: int = RANK,
-                     targets=TARGETS) -> dict:
+                     targets=TARGETS, head_tokens: Optional[int] = None) -> dict:
     """Matmul FLOPs of one step (forward + backward) of LoRA training on a frozen base.
 
     * frozen base matmuls (q,k,v,o,gate,up,down per layer and the lm_head; N params):
       forward 2N per token + backward w.r.t. activations 2N per token = 4N per token; the base
-      gets no weight gradient. (The embedding lookup is a gather, no matmul.)
+      gets no weight gradient. (The embedding lookup is a gather, no matmul.) With
+      `head_tokens` (the LM head computed only on the positions that predict a response token,
+      `train.lm_head_on: loss_tokens`), the head's 4 D V counts for those positions only: work
+      not done is not counted.
     * attention (QK^T and PV, full T x T as computed): forward 2 * 2 * B*H*T*T*hd, backward
       twice the forward (gradients w.r.t. both operands of each product).
     * LoRA per target (x @ a @ b, d_in x R and R x d_out): forward 2R(d_in + d_out) per token,
@@ -105,14 +108,16 @@ def train_step_flops(cfg: LlamaConfig, batch: int, seq: int, *, rank: int = RANK
     d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                       cfg.num_key_value_heads, cfg.head_dim)
     per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
-    n_base = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size
-    base = 4 * n_base * tokens
+    n_body = cfg.num_hidden_layers * per_layer
+    n_base = n_body + d * cfg.vocab_size
+    head_positions = tokens if head_tokens is None else head_tokens
+    base = 4 * n_body * tokens + 4 * d * cfg.vocab_size * head_positions
     attn_fwd = cfg.num_hidden_layers * 2 * 2 * batch * h * seq * seq * hd
     attn = 3 * attn_fwd
     lora_fwd = sum(2 * rank * sum(target_dims(cfg, t)) for t in targets) * cfg.num_hidden_layers * tokens
     lora = 3 * lora_fwd
     return {"base": base, "attention": attn, "lora": lora, "total": base + attn + lora,
-            "n_base_matmul_params": n_base}
+            "n_base_matmul_params": n_base, "head_positions": head_positions}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,3 +297,29 @@ def sample_round_batches(tokset_per_client: Sequence[TokenizedSet], pools=None, 
         "loss_mask": take("loss_mask"),
         "indices": all_idx.reshape(c_n, steps, batch_size),
     }
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def head_token_budget(sets: Sequence[TokenizedSet], batch_size: int, multiple: int = 64) -> int:
+    """Loss positions that cover any batch of `batch_size` distinct rows of `sets`.
+
+    A row with response tokens at t predicts them from positions t - 1, so it needs
+    `loss_mask[1:].sum()` LM-head positions; a batch needs at most the sum of the `batch_size`
+    largest. Rounded up to `multiple` and capped at `batch_size * (T - 1)` (all positions).
+    """
+    counts = np.concatenate([ts.loss_mask[:, 1:].sum(axis=1) for ts in sets])
+    t = sets[0].tokens.shape[1]
+    top = np.sort(counts)[::-1][:batch_size].sum()
+    return min(_round_up(max(top, 1), multiple), batch_size * (t - 1))
+
+
+def head_tokens_for_batches(budget: int, loss_mask: np.ndarray, multiple: int = 64) -> int:
+    """LM-head positions for one round's batches `loss_mask: [..., B, T]`: the static `budget`,
+    unless some batch needs more (a pool smaller than B repeats rows); then that need rounded up.
+    Depends only on the round's batches, so a resumed run makes the same choice."""
+    need = int(loss_mask[..., 1:].sum(axis=(-1, -2)).max())
+    b, t = loss_mask.shape[-2:]
+    return budget if need <= budget else min(_round_up(need, multiple), b * (t - 1))
