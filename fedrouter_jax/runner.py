@@ -23,10 +23,10 @@ from fedrouter_jax.clustering import clustering_accuracy
 from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
 from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks,
                                 tokenize_examples, sample_round_batches)
+from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches, trim_padding
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
-from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches
 from fedrouter_jax.routing import generate_routed
 from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
 from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, make_optimizer,
@@ -230,6 +230,20 @@ class Run:
         opt_leaves = [tree["opt"][k] for k in sorted(tree["opt"], key=int)] if tree.get("opt") else None
         return state, opt_leaves, extra["history"]
 
+    def _round_batches(self, plan, r: int) -> tuple[Batch, Optional[int]]:
+        """The round's batches `[J, S, B, T']` (T' <= max_seq_len: all-padding columns dropped if
+        `train.trim_padding`) and the LM-head positions per batch (None: every position)."""
+        t = self.cfg.train
+        b = sample_round_batches([self.data.train_sets[c] for c in plan.slot_client], plan.pools,
+                                 steps=t.local_steps, batch_size=t.batch_size, seed=self.cfg.seed, round_idx=r)
+        if t.trim_padding:
+            b = trim_padding(b)
+        head = None
+        if t.lm_head_on == "loss_tokens":
+            width = b["tokens"].shape[-1]
+            head = min(head_tokens_for_batches(self.head_budget, b["loss_mask"]), t.batch_size * (width - 1))
+        return Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"])), head
+
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:
         cfg, data = self.cfg, self.data
         self.out.mkdir(parents=True, exist_ok=True)
@@ -263,17 +277,11 @@ class Run:
                 if opt_states is None:
                     opt_states = jax.tree.unflatten(jax.tree.structure(fresh), [jnp.asarray(x) for x in opt_leaves])
                 opt_states = set_learning_rate(opt_states, lr)
-            b = sample_round_batches([data.train_sets[c] for c in plan.slot_client], plan.pools,
-                                     steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-                                     seed=cfg.seed, round_idx=r)
-            batches = Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
+            batches, head = self._round_batches(plan, r)
             keys = jax.random.split(jax.random.fold_in(self.key, r + 1), j)
             args = shard_clients((plan.start, opt_states, batches, keys, plan.frozen), self.mesh)
             chunk = client_chunk_size(cfg.train.client_chunk, j, cfg.train.batch_size * batches.tokens.shape[-1],
                                       1 if self.mesh is None else self.mesh.devices.size)
-            head = None
-            if cfg.train.lm_head_on == "loss_tokens":
-                head = head_tokens_for_batches(self.head_budget, b["loss_mask"])
             trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
                                                                optimizer=self.optimizer, client_chunk=chunk,
                                                                head_tokens=head)

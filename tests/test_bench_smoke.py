@@ -25,7 +25,16 @@ def test_bench_clients():
 
 def test_bench_flops():
     r = _main("flops")(["--small"])
-    assert 0 < r["fraction_of_peak"] and r["step_flops"]["total"] > 0 and len(r["memory"]) == 2
+    assert len(r["memory"]) == 2 and r["head_tokens"] < r["B"] * r["T"]
+    for name in ("step", "step_all"):
+        assert 0 < r[name]["fraction_of_peak"] and r[name]["step_flops"]["total"] > 0
+    assert r["step"]["step_flops"]["total"] < r["step_all"]["step_flops"]["total"]  # head on loss tokens only
+
+
+def test_bench_clustering():
+    r = _main("clustering")(["--small", "--repeats", "1"])
+    assert r["single"][0]["inertia_rel_diff"] < 1e-4 and r["single"][0]["labels_agree"] == 1.0
+    assert r["clients"][0]["n_iter_mean"][0] > 0
 
 
 def test_bench_routing():
@@ -43,3 +52,4 @@ def test_bench_torch_peers():
     pytest.importorskip("peft")
     r = _main("torch_peers")(["--small"])
     assert r["jax"]["client_steps_per_s"] > 0 and r["torch_lean"]["client_steps_per_s"] > 0
+    assert r["jax_all"]["client_steps_per_s"] > 0

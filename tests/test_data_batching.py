@@ -11,6 +11,7 @@ from fedrouter_jax.data.batching import (
     head_tokens_for_batches,
     sample_round_batches,
     tokenize_examples,
+    trim_padding,
 )
 from fedrouter_jax.data.prompt import format_prompt
 from fedrouter_jax.data.synthetic import TASKS, generate_examples, generic_corpus
@@ -158,3 +159,16 @@ def test_head_token_budget_covers_every_batch(tok, examples):
     got = head_tokens_for_batches(64, b["loss_mask"])
     assert need > 64 and got >= need and got % 64 == 0
     assert head_token_budget(sets, batch_size=1, multiple=10_000) == 255  # never above all positions
+
+
+def test_trim_padding(tok, examples):
+    sets = [tokenize_examples(examples, tok, 256)]
+    b = sample_round_batches(sets, None, steps=2, batch_size=4, seed=0, round_idx=0)
+    longest = int(b["mask"].sum(-1).max())
+    t = trim_padding(b, multiple=32)
+    assert t["tokens"].shape[-1] == -(-longest // 32) * 32 < 256
+    for k in ("tokens", "mask", "loss_mask"):
+        np.testing.assert_array_equal(t[k], b[k][..., :t[k].shape[-1]])
+    assert not b["mask"][..., t["mask"].shape[-1]:].any()  # only padding was cut
+    np.testing.assert_array_equal(t["indices"], b["indices"])
+    assert trim_padding(t, multiple=10_000) is t  # nothing to cut: unchanged

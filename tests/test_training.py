@@ -76,6 +76,23 @@ def test_lm_head_on_loss_tokens_equals_all_positions():
     assert int(overflow) == 3  # reported, never silent
 
 
+def test_training_on_trimmed_padding_equals_full_width():
+    from fedrouter_jax.data.batching import trim_padding
+
+    cfg, base, loras, opt, states, _, keys = setup()
+    tokens, mask, loss_mask = random_batch((C, S, B, 40), cfg.vocab_size, seed=3)
+    tokens, mask, loss_mask = (np.concatenate([x, np.zeros_like(x)], axis=-1) for x in (tokens, mask, loss_mask))
+    trimmed = trim_padding({"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, multiple=8)
+    assert trimmed["tokens"].shape[-1] == 40 and trimmed["mask"][..., 40:].sum() == 0
+    full = clients_local_steps(base, loras, states, Batch(*map(jnp.asarray, (tokens, mask, loss_mask))), keys,
+                               cfg=cfg, optimizer=opt)
+    cfg, base, loras, opt, states, _, keys = setup()
+    cut_batches = Batch(*(jnp.asarray(trimmed[k]) for k in ("tokens", "mask", "loss_mask")))
+    cut = clients_local_steps(base, loras, states, cut_batches, keys, cfg=cfg, optimizer=opt)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cut)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_map_in_chunks_order_and_padding():
     xs = {"a": jnp.arange(7.0), "b": jnp.arange(14.0).reshape(7, 2)}
     fn = lambda x: x["a"] * 10 + x["b"].sum()

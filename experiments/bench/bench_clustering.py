@@ -19,6 +19,7 @@ there with ``--silhouette-big``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -75,15 +76,18 @@ def bench_single(n, d, repeats, silhouette, rng, tol=1e-4, max_iter=300):
     print(f"kmeans      {n:>7d} x {d}: ours {t_o:8.3f} s  sklearn {t_r:8.3f} s  "
           f"speed-up {t_r / t_o:5.2f}x  n_iter {int(r_o.n_iter)}/{r_r.n_iter_}  "
           f"inertia rel.diff {rel:.1e}  labels agree {agree:.4f}", flush=True)
+    res = {"n": n, "d": d, "kmeans_s": t_o, "sklearn_s": t_r, "n_iter": [int(r_o.n_iter), int(r_r.n_iter_)],
+           "inertia_rel_diff": rel, "labels_agree": agree}
     if not silhouette:
         print(f"silhouette  {n:>7d} x {d}: skipped (O(N^2 D); --silhouette-big runs it)")
-        return
+        return res
     labels = r_r.labels_
     s_o = lambda: silhouette_score(xj, labels)
     s_r = lambda: sk_silhouette(x, labels)
     (t_o, t_r), (v_o, v_r) = _alternate([s_o, s_r], max(1, repeats // 2))
     print(f"silhouette  {n:>7d} x {d}: ours {t_o:8.3f} s  sklearn {t_r:8.3f} s  "
           f"speed-up {t_r / t_o:5.2f}x  |diff| {abs(v_o - v_r):.1e}", flush=True)
+    return {**res, "silhouette_s": t_o, "silhouette_sklearn_s": t_r, "silhouette_abs_diff": abs(float(v_o) - float(v_r))}
 
 
 def bench_clients(c, n, d, repeats, rng, tol=1e-4, max_iter=300):
@@ -114,6 +118,9 @@ def bench_clients(c, n, d, repeats, rng, tol=1e-4, max_iter=300):
     if len(off):
         print(f"    {len(off)} client(s) with inertia rel.diff > 1e-4 {off.tolist()}: vs sklearn "
               f"float64 ours matches {ours_ok}, sklearn float32 matches {sk_ok}", flush=True)
+    return {"C": c, "n": n, "d": d, "ours_s": t_o, "sklearn_s": t_r, "n_iter_mean": [float(it_o.mean()), float(it_r.mean())],
+            "max_inertia_rel_diff": rel, "labels_agree": agree, "off_clients": len(off),
+            "off_f64_matches": [int(ours_ok), int(sk_ok)]}
 
 
 def main(argv=None):
@@ -123,6 +130,7 @@ def main(argv=None):
     p.add_argument("--silhouette-big", action="store_true",
                    help="also run Silhouette on the 100k problem (very slow for sklearn)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     if a.small:
@@ -135,10 +143,13 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores, load "
           f"avg {os.getloadavg()[0]:.1f}); medians of {repeats} alternating repeats after "
           f"warm-up; K={K_SINGLE} (single), K={K_CLIENT} (clients)")
-    for n, d, sil in singles:
-        bench_single(n, d, repeats, sil, rng)
-    for c, n, d in clients:
-        bench_clients(c, n, d, repeats, rng)
+    results = {"single": [bench_single(n, d, repeats, sil, rng) for n, d, sil in singles],
+               "clients": [bench_clients(c, n, d, repeats, rng) for c, n, d in clients],
+               "load_end": os.getloadavg()[0]}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+    return results
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 
   python experiments/bench/bench_flops.py
   python experiments/bench/bench_flops.py --small
+  # on a GPU: the issue's Llama-3.2-1B-shaped step (random bf16 weights), B 16, T 512
+  python experiments/bench/bench_flops.py --model 1b --dtype bfloat16 --seq 512 --mm 8192 --mem-clients 1
 """
 from __future__ import annotations
 
@@ -37,10 +39,13 @@ from fedrouter_jax.training import (clients_local_steps, init_opt_states, local_
                                     make_optimizer, set_learning_rate)
 
 
-def memory_child(model: str, C: int, S: int, B: int, T: int) -> dict:
-    """Run one round for C clients and report RSS figures (runs in a fresh process)."""
+MM_CALLS = 10
+
+
+def memory_child(model: str, C: int, S: int, B: int, T: int, dtype: str = "float32") -> dict:
+    """Run one round for C clients and report RSS (and device) memory (runs in a fresh process)."""
     cfg = common.CONFIGS[model]
-    base = jax.block_until_ready(common.base_params(cfg))
+    base = jax.block_until_ready(common.base_params(cfg, dtype=dtype))
     rss_base = common.current_rss_bytes()
     opt = make_optimizer()
     loras = lora_lib.broadcast(jax.tree.map(lambda x: x[0], common.adapters(cfg, 1)), C)
@@ -57,6 +62,7 @@ def memory_child(model: str, C: int, S: int, B: int, T: int) -> dict:
     out = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
     jax.block_until_ready(out)
     return {"C": C, "peak_rss": common.peak_rss_bytes(), "rss_after_base": rss_base,
+            "device_peak_bytes": common.device_peak_memory(),
             "rss_run_delta": common.current_rss_bytes() - rss_before, "xla": xla,
             "xla_total": xla["argument"] + xla["output"] + xla["temp"] - xla["alias"],
             "base_bytes": common.tree_bytes(base), "per_client_state_bytes": per_client_state}
@@ -69,6 +75,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--mm", type=int, default=2048, help="matmul size for the peak")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="base weights and activations (the peak is measured in the same dtype)")
     p.add_argument("--mem-clients", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--mem-seq", type=int, default=64)
@@ -85,7 +93,7 @@ def main(argv=None) -> dict:
     S, B, T = args.steps, args.batch, args.seq
 
     # --- 1 + 2: peak and our step, alternated -------------------------------------------------
-    base = common.base_params(cfg)
+    base = common.base_params(cfg, dtype=args.dtype)
     lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
     opt = make_optimizer()
     state = set_learning_rate(opt.init(lora), 5e-4)
@@ -95,19 +103,24 @@ def main(argv=None) -> dict:
              "step_all": jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))}
     key = jax.random.PRNGKey(0)
     n = args.mm
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n))
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(args.dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(args.dtype)
     mm = jax.jit(lambda a, b: a @ b)
-    fns = {"matmul": lambda: mm(a, b)}
+    # the peak a long computation sustains: MM_CALLS back-to-back products per timed sample (one
+    # product right after a multi-second step ran at half speed in the first idle run)
+    fns = {"matmul": lambda: [mm(a, b) for _ in range(MM_CALLS)]}
     fns.update({k: (lambda f=f: f(base, lora, state, batches, key)) for k, f in steps.items()})
     r = common.alternate(fns, repeats=args.repeats, warmup=1)
-    peak = 2 * n**3 / r["matmul"]["median"]
-    cpu_peak = 2 * n**3 / r["matmul"]["cpu_median"]
+    mm_flops = 2 * n**3 * MM_CALLS
+    peak = mm_flops / r["matmul"]["median"]
+    cpu_peak = mm_flops / r["matmul"]["cpu_median"]
     results = {"model": args.model, "params": int(sum(x.size for x in jax.tree.leaves(base))),
-               "B": B, "T": T, "matmul_n": n, "peak_flops": peak, "peak_flops_best": 2 * n**3 / r["matmul"]["min"],
-               "peak_flops_per_cpu_s": cpu_peak, "head_tokens": head,
+               "B": B, "T": T, "matmul_n": n, "peak_flops": peak, "peak_flops_best": mm_flops / r["matmul"]["min"],
+               "peak_flops_per_cpu_s": cpu_peak, "head_tokens": head, "dtype": args.dtype,
+               "device": str(jax.devices()[0].device_kind), "device_peak_bytes": common.device_peak_memory(),
                "cpu_over_wall": {k: v["cpu_median"] / v["median"] for k, v in r.items()}}
-    print(f"matmul {n}^3 fp32 (jit): {peak / 1e9:.1f} GFLOP/s median ({results['peak_flops_best'] / 1e9:.1f} best)")
+    print(f"device {results['device']}; peak device memory {results['device_peak_bytes']} bytes (None on CPU)")
+    print(f"matmul {n}^3 {args.dtype} (jit): {peak / 1e9:.1f} GFLOP/s median ({results['peak_flops_best'] / 1e9:.1f} best)")
     print(f"model {args.model}: {results['params'] / 1e6:.1f}M params, B={B} T={T}, LoRA r{common.RANK} "
           f"{','.join(common.TARGETS)}; LM head on {head} of {B * T} positions in `step`")
     for name in steps:
@@ -116,6 +129,7 @@ def main(argv=None) -> dict:
         achieved = flops["total"] / s_per_step
         cpu_step = flops["total"] * S / r[name]["cpu_median"]
         results[name] = {"step_s": s_per_step, "step_flops": flops, "achieved_flops": achieved,
+                         "client_steps_per_s": 1 / s_per_step,
                          "fraction_of_peak": achieved / peak, "flops_per_cpu_s": cpu_step,
                          "fraction_of_peak_cpu": cpu_step / cpu_peak}
         print(f"{name:8s} FLOPs per step: base {flops['base'] / 1e9:.1f} G (4 x {flops['n_base_matmul_params'] / 1e6:.1f}M "
@@ -129,9 +143,9 @@ def main(argv=None) -> dict:
     mem = []
     for C in args.mem_clients:
         if args.small:  # smoke test: in-process (peak RSS is then cumulative, not per C)
-            mem.append(memory_child(args.model, C, S, args.mem_batch, args.mem_seq))
+            mem.append(memory_child(args.model, C, S, args.mem_batch, args.mem_seq, args.dtype))
             continue
-        child = json.dumps([args.model, C, S, args.mem_batch, args.mem_seq])
+        child = json.dumps([args.model, C, S, args.mem_batch, args.mem_seq, args.dtype])
         out = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True, check=True)
         mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
     results["memory"] = mem

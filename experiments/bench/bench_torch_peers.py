@@ -22,6 +22,7 @@ Reports client-steps/s, seconds per step and the ratios to ours.
 
   python experiments/bench/bench_torch_peers.py                # 34M model, B 16, T 128
   python experiments/bench/bench_torch_peers.py --small        # seconds (smoke test)
+  python experiments/bench/bench_torch_peers.py --device cuda  # on a GPU (both frameworks on it)
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def peft_wrap(model):
 
 def jax_global_from_peft(peft_model, cfg) -> lora_lib.LoraStack:
     """The PEFT model's initial adapter as our single adapter (leaves [L, d_in, R])."""
-    sd = {k: v.detach().numpy() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    sd = {k: v.detach().cpu().numpy() for k, v in peft_model.state_dict().items() if "lora_" in k}
     params = {}
     for t in common.TARGETS:
         a, b = [], []
@@ -90,19 +91,24 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--no-trainer", action="store_true", help="skip the HF Trainer variant")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="torch device (JAX uses its default backend; run on a GPU machine for cuda)")
     args = p.parse_args(argv)
     if args.small:
         args.model, args.clients, args.steps, args.batch, args.seq, args.repeats = "small", 1, 2, 2, 16, 1
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    torch.set_num_threads(os.cpu_count())
+    dev = torch.device(args.device)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     info = common.header("JAX client-mapped round vs PyTorch + PEFT sequential clients", args)
     cfg0 = common.CONFIGS[args.model]
     C, S, B, T = args.clients, args.steps, args.batch, args.seq
 
     tmp = tempfile.TemporaryDirectory()
-    torch_model = build_torch_model(cfg0, Path(tmp.name))
+    torch_model = build_torch_model(cfg0, Path(tmp.name)).to(dev)
     cfg, base = load_pretrained(tmp.name)  # ours, from the torch model's checkpoint
     peft_model = peft_wrap(torch_model)
     peft_model.train()
@@ -111,9 +117,9 @@ def main(argv=None) -> dict:
 
     tokens, mask, loss_mask = common.token_batches((C, S, B, T), cfg.vocab_size, seed=0)
     batches = Batch(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask))
-    t_tok = torch.from_numpy(tokens.astype(np.int64))
-    t_mask = torch.from_numpy(mask.astype(np.int64))
-    t_labels = torch.where(torch.from_numpy(loss_mask), t_tok, torch.full_like(t_tok, -100))
+    t_tok = torch.from_numpy(tokens.astype(np.int64)).to(dev)
+    t_mask = torch.from_numpy(mask.astype(np.int64)).to(dev)
+    t_labels = torch.where(torch.from_numpy(loss_mask).to(dev), t_tok, torch.full_like(t_tok, -100))
 
     # --- ours -------------------------------------------------------------------------------
     opt = make_optimizer()
@@ -149,7 +155,9 @@ def main(argv=None) -> dict:
                 losses.append(loss.detach())
             out.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()})
         with torch.inference_mode():
-            return fedavg(out), torch.stack(losses)
+            avg = fedavg(out), torch.stack(losses)
+        sync()
+        return avg
 
     # --- torch, HF Trainer per client (OpenFedLLM-style) --------------------------------------
     def torch_hf_round():
@@ -163,14 +171,16 @@ def main(argv=None) -> dict:
             targs = TrainingArguments(
                 output_dir=tmp.name + "/trainer", max_steps=S, per_device_train_batch_size=B,
                 learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, adam_epsilon=1e-8,
-                logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
+                logging_strategy="no", save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
                 disable_tqdm=True, dataloader_num_workers=0, seed=c,
             )
             trainer = Trainer(model=peft_model, args=targs, train_dataset=rows, data_collator=default_data_collator)
             trainer.remove_callback(PrinterCallback)  # only silences the end-of-train metrics print
             trainer.train()
             out.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()})
-        return fedavg(out)
+        avg = fedavg(out)
+        sync()
+        return avg
 
     # Sanity: the first step's loss agrees between the two frameworks (same weights and data).
     jax_loss = float(jax_round()[1]["loss"][0, 0])

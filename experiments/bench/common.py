@@ -43,14 +43,22 @@ CONFIGS = {
     "34m": LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                        num_attention_heads=8, num_key_value_heads=8, head_dim=64,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Llama-3.2-1B's shapes (1.24B params, tied head, llama3 RoPE), for the GPU targets: random
+    # weights, so nothing is downloaded
+    "1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                      rope_scaling=(("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                    ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
+                      tie_word_embeddings=True, max_position_embeddings=131072,
+                      bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the issue's LoRA targets, rank 8
 RANK, ALPHA = 8, 16.0
 
 
-def base_params(cfg: LlamaConfig, seed: int = 0) -> dict:
-    """Random base weights (HF's init: normal(0, 0.02))."""
-    return init_params(jax.random.PRNGKey(seed), cfg)
+def base_params(cfg: LlamaConfig, seed: int = 0, dtype: str = "float32") -> dict:
+    """Random base weights (HF's init: normal(0, 0.02)) in `dtype`."""
+    return init_params(jax.random.PRNGKey(seed), cfg, dtype=jnp.dtype(dtype))
 
 
 def adapters(cfg: LlamaConfig, n: int, seed: int = 1) -> LoraStack:
@@ -150,10 +158,16 @@ def alternate(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: 
     return out
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> dict:
-    """Jitted float32 `n x n @ n x n` FLOP/s (median and best of `repeats`)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+def device_peak_memory() -> Optional[int]:
+    """Peak bytes in use on the default device (GPU/TPU), None where not reported (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dict:
+    """Jitted `n x n @ n x n` FLOP/s in `dtype` (median and best of `repeats`)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.matmul)
     r = alternate({"mm": lambda: f(a, b)}, repeats=repeats, warmup=2)["mm"]
     flops = 2 * n**3

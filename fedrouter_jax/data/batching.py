@@ -323,3 +323,22 @@ def head_tokens_for_batches(budget: int, loss_mask: np.ndarray, multiple: int = 
     need = int(loss_mask[..., 1:].sum(axis=(-1, -2)).max())
     b, t = loss_mask.shape[-2:]
     return budget if need <= budget else min(_round_up(need, multiple), b * (t - 1))
+
+
+def trim_padding(batches: dict, multiple: int = 32) -> dict:
+    """Drop the tail columns that are padding in every row of every batch (right padding).
+
+    `batches`: tokens / mask / loss_mask `[..., T]` from `sample_round_batches`. The width kept
+    is the longest row rounded up to `multiple` (so a run compiles for a few widths only), at
+    most T. Padding keys are masked and carry no loss, so training on the trimmed batches gives
+    the same result with less work wherever rows are shorter than `model.max_seq_len`.
+    """
+    t = batches["mask"].shape[-1]
+    longest = int(batches["mask"].sum(axis=-1).max())
+    keep = min(t, _round_up(max(longest, 1), multiple))
+    if keep == t:
+        return batches
+    out = dict(batches)
+    for name in ("tokens", "mask", "loss_mask"):
+        out[name] = batches[name][..., :keep]
+    return out
