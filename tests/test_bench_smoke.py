@@ -11,7 +11,8 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _main(name):
     if BENCH not in sys.path:
         sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_smoke", os.path.join(BENCH, f"bench_{name}.py"))
+    file = f"{name}.py" if name.startswith("profile") else f"bench_{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_smoke", os.path.join(BENCH, file))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main
@@ -53,3 +54,8 @@ def test_bench_torch_peers():
     r = _main("torch_peers")(["--small"])
     assert r["jax"]["client_steps_per_s"] > 0 and r["torch_lean"]["client_steps_per_s"] > 0
     assert r["jax_all"]["client_steps_per_s"] > 0
+
+
+def test_profile_step():
+    r = _main("profile_step")(["--small"])
+    assert r["span_s"] > 0 and any(d["flops"] > 0 for d in r["dots"])
