@@ -238,10 +238,7 @@ class Run:
                                  steps=t.local_steps, batch_size=t.batch_size, seed=self.cfg.seed, round_idx=r)
         if t.trim_padding:
             b = trim_padding(b)
-        head = None
-        if t.lm_head_on == "loss_tokens":
-            width = b["tokens"].shape[-1]
-            head = min(head_tokens_for_batches(self.head_budget, b["loss_mask"]), t.batch_size * (width - 1))
+        head = head_tokens_for_batches(self.head_budget, b["loss_mask"]) if t.lm_head_on == "loss_tokens" else None
         return Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"])), head
 
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:

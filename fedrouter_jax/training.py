@@ -63,10 +63,15 @@ def with_frozen(trainable: LoraStack, frozen: Optional[LoraStack], frozen_weight
     return LoraStack(params=merged, alpha=trainable.alpha * 2)
 
 
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] in float32: logits [..., V], targets [...] -> [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def response_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy over response tokens: logits [B, T, V] -> (loss [], n_tokens [])."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = _token_nll(logits[:, :-1], batch.tokens[:, 1:])
     w = batch.loss_mask[:, 1:].astype(jnp.float32)
     n = w.sum()
     return (nll * w).sum() / jnp.maximum(n, 1.0), n
@@ -89,8 +94,7 @@ def response_loss_on_loss_tokens(base: dict, hidden: jax.Array, batch: Batch, cf
     valid = (jnp.arange(head_tokens) < n).astype(jnp.float32)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx]
     targets = batch.tokens[:, 1:].reshape(-1)[idx]
-    logp = jax.nn.log_softmax(llama.lm_head(base, h, cfg), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    nll = _token_nll(llama.lm_head(base, h, cfg), targets)
     used = valid.sum()
     return (nll * valid).sum() / jnp.maximum(used, 1.0), n.astype(jnp.float32), n - used.astype(n.dtype)
 
@@ -212,21 +216,22 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
 # Tokens per vmapped group of clients under `client_chunk: auto`. On CPU about 2k tokens keep a
 # group's activations in cache (measured in BENCHMARKS.md: groups of 1k-2k tokens ran 1.15-1.6x
 # faster than all clients at once); accelerators want large groups, bounded by memory only.
-AUTO_CHUNK_TOKENS = {"cpu": 2048}
+AUTO_CHUNK_TOKENS_CPU = 2048
 AUTO_CHUNK_TOKENS_ACCELERATOR = 65536
 
 
 def client_chunk_size(setting, n_clients: int, tokens_per_client: int, n_devices: int = 1) -> Optional[int]:
     """Clients per vmapped group for `clients_local_steps` (None = all at once).
 
-    setting: "all", "auto" (a token budget per group and device, `AUTO_CHUNK_TOKENS`) or an int
+    setting: "all", "auto" (a token budget per group and device, `AUTO_CHUNK_TOKENS_*`) or an int
     (clients per group and device). With a mesh of `n_devices`, groups are whole multiples of
     the device count that divide the client axis, so each device keeps its own clients.
     """
     if setting == "all":
         return None
     if setting == "auto":
-        budget = AUTO_CHUNK_TOKENS.get(jax.default_backend(), AUTO_CHUNK_TOKENS_ACCELERATOR)
+        cpu = jax.default_backend() == "cpu"
+        budget = AUTO_CHUNK_TOKENS_CPU if cpu else AUTO_CHUNK_TOKENS_ACCELERATOR
         per_device = max(1, budget // max(1, tokens_per_client))
     else:
         per_device = int(setting)

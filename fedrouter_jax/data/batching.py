@@ -319,10 +319,11 @@ def head_token_budget(sets: Sequence[TokenizedSet], batch_size: int, multiple: i
 def head_tokens_for_batches(budget: int, loss_mask: np.ndarray, multiple: int = 64) -> int:
     """LM-head positions for one round's batches `loss_mask: [..., B, T]`: the static `budget`,
     unless some batch needs more (a pool smaller than B repeats rows); then that need rounded up.
-    Depends only on the round's batches, so a resumed run makes the same choice."""
+    Never more than the batch's `B * (T - 1)` positions (T after `trim_padding`). Depends only
+    on the round's batches, so a resumed run makes the same choice."""
     need = int(loss_mask[..., 1:].sum(axis=(-1, -2)).max())
     b, t = loss_mask.shape[-2:]
-    return budget if need <= budget else min(_round_up(need, multiple), b * (t - 1))
+    return min(budget if need <= budget else _round_up(need, multiple), b * (t - 1))
 
 
 def trim_padding(batches: dict, multiple: int = 32) -> dict:
