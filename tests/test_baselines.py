@@ -46,15 +46,21 @@ def leaf_values(params, factor):
     return out[0]
 
 
-def test_fedit_aggregation_is_sample_weighted_mean():
+def first_round(method):
+    """Two clients (1 and 3 samples) train adapters with A = 1, 2 and B = 4, -4; the round's
+    (ctx, algo, plan, aggregated state)."""
     ctx = make_ctx(sizes=(1, 3))
-    algo = get_algorithm("fedit")
+    algo = get_algorithm(method)
     state = algo.init(ctx, jax.random.PRNGKey(0))
     plan = algo.plan(ctx, state, 0)
+    new = algo.aggregate(ctx, state, plan, filled(ctx, 2, [1.0, 2.0], [4.0, -4.0]), 0)
+    return ctx, algo, plan, new
+
+
+def test_fedit_aggregation_is_sample_weighted_mean():
+    ctx, algo, plan, new = first_round("fedit")
     assert plan.slot_client.tolist() == [0, 1] and plan.weights.tolist() == [1.0, 3.0]
     assert [p.size for p in plan.pools] == [1, 3]
-    trained = filled(ctx, 2, [1.0, 2.0], [4.0, -4.0])
-    new = algo.aggregate(ctx, state, plan, trained, 0)
     # (1 * 1 + 3 * 2) / 4 = 1.75 ; (1 * 4 + 3 * -4) / 4 = -2
     np.testing.assert_allclose(leaf_values(new["adapters"], "a"), [1.75])
     np.testing.assert_allclose(leaf_values(new["adapters"], "b"), [-2.0])
@@ -63,12 +69,7 @@ def test_fedit_aggregation_is_sample_weighted_mean():
 
 
 def test_local_has_no_mixing():
-    ctx = make_ctx(sizes=(1, 3))
-    algo = get_algorithm("local")
-    state = algo.init(ctx, jax.random.PRNGKey(0))
-    plan = algo.plan(ctx, state, 0)
-    trained = filled(ctx, 2, [1.0, 2.0], [4.0, -4.0])
-    new = algo.aggregate(ctx, state, plan, trained, 0)
+    ctx, algo, plan, new = first_round("local")
     np.testing.assert_array_equal(leaf_values(new["adapters"], "a"), [1.0, 2.0])
     np.testing.assert_array_equal(leaf_values(new["adapters"], "b"), [4.0, -4.0])
     assert [ids.tolist() for ids in algo.route(ctx, new, "local").adapter_ids] == [[0, 0], [1, 1]]
@@ -77,12 +78,7 @@ def test_local_has_no_mixing():
 
 
 def test_fedsa_averages_a_and_keeps_b_per_client():
-    ctx = make_ctx(sizes=(1, 3))
-    algo = get_algorithm("fedsa")
-    state = algo.init(ctx, jax.random.PRNGKey(0))
-    plan = algo.plan(ctx, state, 0)
-    trained = filled(ctx, 2, [1.0, 2.0], [4.0, -4.0])
-    new = algo.aggregate(ctx, state, plan, trained, 0)
+    ctx, algo, plan, new = first_round("fedsa")
     np.testing.assert_allclose(leaf_values(new["adapters"], "a"), [1.75, 1.75])
     np.testing.assert_array_equal(leaf_values(new["adapters"], "b"), [4.0, -4.0])
     assert [ids.tolist() for ids in algo.route(ctx, new, "local").adapter_ids] == [[0, 0], [1, 1]]
