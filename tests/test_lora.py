@@ -71,3 +71,50 @@ def test_lora_custom_vjp_equals_autodiff():
     # under the client vmap (the training path) as well
     vg = jax.vmap(jax.grad(custom, argnums=1), in_axes=(None, 0, None))(h, jnp.stack([a, 2 * a]), b)
     np.testing.assert_allclose(np.asarray(vg[1]), np.asarray(jax.grad(plain, argnums=1)(h, 2 * a, b)), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_lora_projection_custom_vjp_equals_autodiff():
+    """`llama._merged_lora_project` (`h @ (w + s a b)`, no weight gradient for w) == autodiff of
+    the unmerged `h @ w + s (h @ a) @ b`, directly and under the client vmap."""
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(4, 12)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 7, 12)), jnp.float32)
+    s = jnp.float32(2.0)
+    plain = lambda h, a, b: jnp.sum((h @ w + s * ((h @ a) @ b)) * g)  # noqa: E731
+    merged = lambda h, a, b: jnp.sum(llama._merged_lora_project(h, w, a, b, s) * g)  # noqa: E731
+    np.testing.assert_allclose(merged(h, a, b), plain(h, a, b), rtol=1e-5)
+    for got, want in zip(jax.grad(merged, argnums=(0, 1, 2))(h, a, b), jax.grad(plain, argnums=(0, 1, 2))(h, a, b)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    vg = jax.vmap(jax.grad(merged, argnums=2), in_axes=(None, 0, None))(h, jnp.stack([a, 2 * a]), b)
+    np.testing.assert_allclose(np.asarray(vg[1]), np.asarray(jax.grad(plain, argnums=2)(h, 2 * a, b)), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_rule_float32_and_enough_tokens():
+    w32, w16 = jnp.zeros((16, 8), jnp.float32), jnp.zeros((16, 8), jnp.bfloat16)
+    assert llama._merge_lora(jnp.zeros((2, 8, 16)), w32)  # 16 tokens >= d_in 16
+    assert not llama._merge_lora(jnp.zeros((1, 8, 16)), w32)  # decoding-sized: add the rank-R update
+    assert not llama._merge_lora(jnp.zeros((2, 8, 16), jnp.bfloat16), w16)  # bf16 would round s a b away
+
+
+def test_training_gradients_merged_equal_unmerged(monkeypatch):
+    """The LoRA gradients of a training step (loss over the whole model) do not depend on whether
+    the adapter is merged into the weights, for one adapter and for clients under vmap."""
+    from fedrouter_jax.training import Batch, lora_loss
+
+    cfg, params = tiny_model()
+    single = take(random_lora(cfg, 1), 0)
+    tokens, mask, loss_mask = random_batch((4, 12), cfg.vocab_size, seed=2)
+    batch = Batch(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask))
+    grad = jax.grad(lambda l: lora_loss(l, params, batch, cfg)[0])
+    vgrad = jax.vmap(grad)
+    pair = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x]), single)
+    monkeypatch.setattr(llama, "_merge_lora", lambda h, w: True)
+    merged, vmerged = grad(single), vgrad(pair)
+    monkeypatch.setattr(llama, "_merge_lora", lambda h, w: False)
+    unmerged, vunmerged = grad(single), vgrad(pair)
+    for got, want in zip(jax.tree.leaves((merged, vmerged)), jax.tree.leaves((unmerged, vunmerged))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(jax.tree.leaves(merged)[0]).max()) > 0

@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedrouter_jax.host_memory import retain_freed_memory  # noqa: E402
 from fedrouter_jax.lora import LoraStack, init_lora  # noqa: E402
 from fedrouter_jax.models.config import LlamaConfig  # noqa: E402
 from fedrouter_jax.models.llama import init_params  # noqa: E402
@@ -216,10 +217,13 @@ def machine() -> dict:
 
 
 def header(title: str, args) -> dict:
+    """Print the machine line; also applies the host-memory setting the CLI runs with (call it
+    before the large allocations), so both frameworks in a script run under the same malloc."""
     info = machine()
+    info["retain_host_memory"] = retain_freed_memory()
     print(f"# {title}")
     print(f"# {info['date']}  cpu={info['cpu']} x{info['cores']}  load(1m)={info['loadavg_1m']:.2f}  "
-          f"jax {info['jax']} ({info['backend']})  args={vars(args)}")
+          f"jax {info['jax']} ({info['backend']})  retain_host_memory={info['retain_host_memory']}  args={vars(args)}")
     return info
 
 

@@ -65,22 +65,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
-) -> jax.Array:
+def attention_bias(allowed: jax.Array) -> jax.Array:
+    """`allowed: [B, T, S]` bool -> additive float32 score bias `[B, 1, 1, T, S]` (0 or the float32
+    minimum, not -inf, so a fully masked row (a left-pad query) stays finite). Built once per
+    forward and shared by every layer: a per-layer `where` re-broadcast the mask each layer."""
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None, None]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """Grouped-query attention.
 
-    q: [B, T, H, hd], k, v: [B, S, K, hd], allowed: [B, T, S] bool -> [B, T, H, hd].
-    Each group of H // K query heads shares one kv head. Masked scores get the dtype minimum
-    (not -inf) so a fully masked row (a left-pad query) stays finite.
+    q: [B, T, H, hd], k, v: [B, S, K, hd], bias: [B, 1, 1, T, S] (`attention_bias`) -> [B, T, H, hd].
+    Each group of H // K query heads shares one kv head.
     """
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)) + bias, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
 

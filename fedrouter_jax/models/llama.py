@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fedrouter_jax.lora import LoraStack
 from fedrouter_jax.models.config import LlamaConfig
-from fedrouter_jax.models.layers import apply_rope, attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from fedrouter_jax.models.layers import apply_rope, attention, attention_bias, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
 _LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
 
@@ -112,12 +112,53 @@ def _lora_delta_bwd(res, g):
 _lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
+@jax.custom_vjp
+def _merged_lora_project(h, w, a, b, scale):
+    """`h @ (w + scale a b)` for h: [..., d_in], w: [d_in, d_out], a: [d_in, R], b: [R, d_out]."""
+    return h @ (w + scale * (a @ b))
+
+
+def _merged_lora_project_fwd(h, w, a, b, scale):
+    return _merged_lora_project(h, w, a, b, scale), (h, w, a, b, scale)
+
+
+def _merged_lora_project_bwd(res, g):
+    """Gradients without the d_in x d_out weight gradient: `dh = g (w + s a b)^T` is one dot,
+    da = s h^T (g b^T) and db = s (h a)^T g contract the token axis against rank-R operands
+    (written as `(small^T @ big)^T`, as in `_lora_delta_bwd`). The base `w` gets no cotangent."""
+    h, w, a, b, scale = res
+    dh = g @ (w + scale * (a @ b)).T
+    hf, gf = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+    gb = gf @ b.T  # [tokens, R]
+    u = hf @ a  # [tokens, R]
+    da = scale * jnp.einsum("tr,ti->ri", gb, hf).T
+    db = scale * jnp.einsum("tr,to->ro", u, gf)
+    return dh, None, da.astype(a.dtype), db.astype(b.dtype), None
+
+
+_merged_lora_project.defvjp(_merged_lora_project_fwd, _merged_lora_project_bwd)
+
+
+def _merge_lora(h: jax.Array, w: jax.Array) -> bool:
+    """Fold a single adapter into the weight (`h @ (w + s a b)`) instead of adding `s (h a) b`?
+
+    Merging replaces two token-sized passes per direction (the rank-R product's [tokens, d_out]
+    output and its add, both memory-bound) by a d_in x R x d_out product per step, so it pays
+    when the adapter sees at least d_in tokens per step. Only for float32 weights: in bf16 the
+    sum `w + s a b` would round the small update away.
+    """
+    tokens = h.size // h.shape[-1]
+    return w.dtype == jnp.float32 and tokens >= w.shape[0]
+
+
 def _project(h, w, lora_layer, name, scale, gate):
     """`h: [B, T, d_in]` @ `w: [d_in, d_out]` plus the LoRA update of target `name` if any."""
-    y = h @ w
     if lora_layer is None or name not in lora_layer:
-        return y
+        return h @ w
     a, b = lora_layer[name]["a"], lora_layer[name]["b"]
+    if a.ndim == 2 and _merge_lora(h, w):
+        return _merged_lora_project(h, w, a.astype(w.dtype), b.astype(w.dtype), jnp.asarray(scale, w.dtype))
+    y = h @ w
     if a.ndim == 2:  # one adapter for the whole batch
         delta = _lora_delta(h, a.astype(h.dtype), b.astype(h.dtype))
     else:  # a: [B, d_in, R], b: [B, R, d_out]
@@ -126,8 +167,9 @@ def _project(h, w, lora_layer, name, scale, gate):
     return y + (scale * delta).astype(y.dtype)
 
 
-def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, allowed, cache=None, cache_index=None):
-    """One decoder layer. x: [B, T, D]; cache: (k, v) each [B, S, K, hd] written at cache_index."""
+def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, cache=None, cache_index=None):
+    """One decoder layer. x: [B, T, D]; bias: `attention_bias` [B, 1, 1, T, S];
+    cache: (k, v) each [B, S, K, hd] written at cache_index."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     proj = lambda h, name: _project(h, layer[name], lora_layer, name, scale, gate)
@@ -138,7 +180,7 @@ def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, allowed, cache=None
     if cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-    o = attention(q, k, v, allowed).reshape(b, t, cfg.num_attention_heads * hd)
+    o = attention(q, k, v, bias).reshape(b, t, cfg.num_attention_heads * hd)
     x = x + proj(o, "o_proj")
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
     x = x + proj(swiglu(proj(h, "gate_proj"), proj(h, "up_proj")), "down_proj")
@@ -175,7 +217,7 @@ def transformer(
     else:
         s = cache[0].shape[2]
         q_idx, k_idx, kmask = cache_index + jnp.arange(t), jnp.arange(s), key_mask
-    allowed = (k_idx[None, None, :] <= q_idx[None, :, None]) & kmask[:, None, :].astype(bool)
+    bias = attention_bias((k_idx[None, None, :] <= q_idx[None, :, None]) & kmask[:, None, :].astype(bool))
 
     x = params["embed"][tokens]
     lora_xs, gate = _lora_layers(lora, adapter_ids)
@@ -183,7 +225,7 @@ def transformer(
 
     def body(x, xs):
         layer, lora_layer, layer_cache = xs
-        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, allowed, layer_cache, cache_index)
+        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, layer_cache, cache_index)
         return x, (kv if (return_cache or cache is not None) else None)
 
     if remat:
