@@ -107,9 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fedrouter_jax.config import ConfigError
-    from fedrouter_jax.host_memory import retain_freed_memory
-
-    retain_freed_memory()  # before the first large buffers; see host_memory
 
     try:
         return args.fn(args)

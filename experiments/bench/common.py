@@ -25,7 +25,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedrouter_jax.host_memory import retain_freed_memory  # noqa: E402
 from fedrouter_jax.lora import LoraStack, init_lora  # noqa: E402
 from fedrouter_jax.models.config import LlamaConfig  # noqa: E402
 from fedrouter_jax.models.llama import init_params  # noqa: E402
@@ -212,18 +211,22 @@ def machine() -> dict:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "python": platform.python_version(),
+        "huge_pages": huge_pages_requested(),
     }
     return info
 
 
+def huge_pages_requested() -> bool:
+    """Whether this process's malloc asks for transparent huge pages (`GLIBC_TUNABLES` with
+    `glibc.malloc.hugetlb=1`, as scripts/run.sh and the BENCHMARKS.md commands set it)."""
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def header(title: str, args) -> dict:
-    """Print the machine line; also applies the host-memory setting the CLI runs with (call it
-    before the large allocations), so both frameworks in a script run under the same malloc."""
     info = machine()
-    info["retain_host_memory"] = retain_freed_memory()
     print(f"# {title}")
     print(f"# {info['date']}  cpu={info['cpu']} x{info['cores']}  load(1m)={info['loadavg_1m']:.2f}  "
-          f"jax {info['jax']} ({info['backend']})  retain_host_memory={info['retain_host_memory']}  args={vars(args)}")
+          f"jax {info['jax']} ({info['backend']})  huge_pages={info['huge_pages']}  args={vars(args)}")
     return info
 
 
