@@ -94,9 +94,10 @@ def test_merged_lora_projection_custom_vjp_equals_autodiff():
 
 def test_merge_rule_float32_and_enough_tokens():
     w32, w16 = jnp.zeros((16, 8), jnp.float32), jnp.zeros((16, 8), jnp.bfloat16)
-    assert llama._merge_lora(jnp.zeros((2, 8, 16)), w32)  # 16 tokens >= d_in 16
-    assert not llama._merge_lora(jnp.zeros((1, 8, 16)), w32)  # decoding-sized: add the rank-R update
-    assert not llama._merge_lora(jnp.zeros((2, 8, 16), jnp.bfloat16), w16)  # bf16 would round s a b away
+    assert llama._merge_lora(jnp.zeros((2, 32, 16)), w32)  # 64 tokens = 4 x d_in
+    assert not llama._merge_lora(jnp.zeros((2, 16, 16)), w32)  # 32 tokens: add the rank-R update
+    assert not llama._merge_lora(jnp.zeros((1, 1, 16)), w32)  # decoding
+    assert not llama._merge_lora(jnp.zeros((2, 32, 16), jnp.bfloat16), w16)  # bf16 would round s a b away
 
 
 def test_training_gradients_merged_equal_unmerged(monkeypatch):
