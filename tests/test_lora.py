@@ -56,40 +56,43 @@ def test_lora_update_equals_merged_weights():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+def _normal_arrays(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
+
+
+def _assert_same_value_and_grads(custom, plain, h, a, b, tol):
+    """custom(h, a, b) == plain(h, a, b) in value and in the gradients w.r.t. h, a, b, also for
+    an adapter factor under the client vmap (the training path)."""
+    np.testing.assert_allclose(custom(h, a, b), plain(h, a, b), rtol=tol)
+    for got, want in zip(jax.grad(custom, argnums=(0, 1, 2))(h, a, b), jax.grad(plain, argnums=(0, 1, 2))(h, a, b)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=10 * tol, atol=10 * tol)
+    for arg in (1, 2):
+        pair = [a, b]
+        pair[arg - 1] = jnp.stack([pair[arg - 1], 2 * pair[arg - 1]])
+        in_axes = (None, 0, None) if arg == 1 else (None, None, 0)
+        vg = jax.vmap(jax.grad(custom, argnums=arg), in_axes=in_axes)(h, *pair)
+        doubled = (h, 2 * a, b) if arg == 1 else (h, a, 2 * b)
+        np.testing.assert_allclose(np.asarray(vg[1]), np.asarray(jax.grad(plain, argnums=arg)(*doubled)),
+                                   rtol=10 * tol, atol=10 * tol)
+
+
 def test_lora_custom_vjp_equals_autodiff():
     """`llama._lora_delta` (hand-written backward, laid out for XLA:CPU) == plain autodiff."""
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
-    a = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(4, 12)), jnp.float32)
-    g = jnp.asarray(rng.normal(size=(3, 5, 12)), jnp.float32)
+    h, a, b, g = _normal_arrays(0, (3, 5, 16), (16, 4), (4, 12), (3, 5, 12))
     plain = lambda h, a, b: jnp.sum(((h @ a) @ b) * g)  # noqa: E731
     custom = lambda h, a, b: jnp.sum(llama._lora_delta(h, a, b) * g)  # noqa: E731
-    np.testing.assert_allclose(custom(h, a, b), plain(h, a, b), rtol=1e-6)
-    for got, want in zip(jax.grad(custom, argnums=(0, 1, 2))(h, a, b), jax.grad(plain, argnums=(0, 1, 2))(h, a, b)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    # under the client vmap (the training path) as well
-    vg = jax.vmap(jax.grad(custom, argnums=1), in_axes=(None, 0, None))(h, jnp.stack([a, 2 * a]), b)
-    np.testing.assert_allclose(np.asarray(vg[1]), np.asarray(jax.grad(plain, argnums=1)(h, 2 * a, b)), rtol=1e-5, atol=1e-5)
+    _assert_same_value_and_grads(custom, plain, h, a, b, tol=1e-6)
 
 
 def test_merged_lora_projection_custom_vjp_equals_autodiff():
     """`llama._merged_lora_project` (`h @ (w + s a b)`, no weight gradient for w) == autodiff of
-    the unmerged `h @ w + s (h @ a) @ b`, directly and under the client vmap."""
-    rng = np.random.default_rng(1)
-    h = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)
-    a = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(4, 12)), jnp.float32)
-    g = jnp.asarray(rng.normal(size=(3, 7, 12)), jnp.float32)
+    the unmerged `h @ w + s (h @ a) @ b`."""
+    h, w, a, b, g = _normal_arrays(1, (3, 7, 16), (16, 12), (16, 4), (4, 12), (3, 7, 12))
     s = jnp.float32(2.0)
     plain = lambda h, a, b: jnp.sum((h @ w + s * ((h @ a) @ b)) * g)  # noqa: E731
     merged = lambda h, a, b: jnp.sum(llama._merged_lora_project(h, w, a, b, s) * g)  # noqa: E731
-    np.testing.assert_allclose(merged(h, a, b), plain(h, a, b), rtol=1e-5)
-    for got, want in zip(jax.grad(merged, argnums=(0, 1, 2))(h, a, b), jax.grad(plain, argnums=(0, 1, 2))(h, a, b)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    vg = jax.vmap(jax.grad(merged, argnums=2), in_axes=(None, 0, None))(h, jnp.stack([a, 2 * a]), b)
-    np.testing.assert_allclose(np.asarray(vg[1]), np.asarray(jax.grad(plain, argnums=2)(h, 2 * a, b)), rtol=1e-4, atol=1e-4)
+    _assert_same_value_and_grads(merged, plain, h, a, b, tol=1e-5)
 
 
 def test_merge_rule_float32_and_enough_tokens():
