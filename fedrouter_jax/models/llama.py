@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from fedrouter_jax.lora import LoraStack
 from fedrouter_jax.models.config import LlamaConfig
-from fedrouter_jax.models.layers import apply_rope, attention, attention_bias, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from fedrouter_jax.models.layers import (apply_rope, attention, attention_bias, rms_norm, rope_cos_sin,
+                                         rope_inv_freq, swiglu)
 
 _LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
 
