@@ -110,7 +110,8 @@ class TrainConfig:
     reset_optimizer_each_round: bool = True
     client_mesh_devices: int = 1  # >1 shards the client axis over that many devices; 0 = all
     # clients trained together (vmapped) inside the round's one call: "auto" = a token budget per
-    # group (training.AUTO_CHUNK_TOKENS_CPU / _ACCELERATOR), "all" = every client at once, or clients per group
+    # group (training.AUTO_CHUNK_TOKENS_CPU / _ACCELERATOR), "all" = every client at once, or
+    # clients per group
     client_chunk: Union[int, Literal["auto", "all"]] = "auto"
     # where the LM head (D x V matmul + softmax) is computed while training: only at positions
     # that predict a response token (same loss, less work), or at every position

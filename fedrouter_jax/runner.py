@@ -176,7 +176,9 @@ def base_plan(data: RunData) -> EvalPlan:
 # ----------------------------------------------------------------------------- rounds
 
 
-def _check_finite(round_idx: int, plan, metrics, trained) -> None:
+def _check_round(round_idx: int, plan, metrics, trained) -> None:
+    """Raise on a round whose training went wrong: NaN/Inf losses, gradient norms or adapters
+    (NonFiniteError, naming the clients), or loss tokens left out of the LM-head budget."""
     loss = np.asarray(metrics["loss"])
     gnorm = np.asarray(metrics["grad_norm"])
     bad_slots = np.flatnonzero(~(np.isfinite(loss).all(1) & np.isfinite(gnorm).all(1)))
@@ -217,7 +219,8 @@ class Run:
         self.base = replicate(self.data.base, self.mesh)
         self.key = jax.random.PRNGKey(cfg.seed)
         # LM-head positions per batch that cover any batch of distinct training rows (one compile)
-        self.head_budget = head_token_budget(self.data.train_sets, cfg.train.batch_size)
+        self.head_budget = (head_token_budget(self.data.train_sets, cfg.train.batch_size)
+                            if cfg.train.lm_head_on == "loss_tokens" else None)
 
     # -- state -------------------------------------------------------------------------------
     def _initial(self):
@@ -282,7 +285,7 @@ class Run:
             trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
                                                                optimizer=self.optimizer, client_chunk=chunk,
                                                                head_tokens=head)
-            _check_finite(r, plan, metrics, trained)
+            _check_round(r, plan, metrics, trained)
             state = self.algo.aggregate(data.ctx, state, plan, trained, r)
             state = jax.tree.map(np.asarray, state)
             loss = np.asarray(metrics["loss"])

@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,9 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedrouter_jax import lora as lora_lib  # noqa: E402
-from fedrouter_jax.data.batching import head_tokens_for_batches  # noqa: E402
-from fedrouter_jax.training import (clients_local_steps, init_opt_states, local_steps,  # noqa: E402
-                                    make_optimizer, set_learning_rate)
+from fedrouter_jax.training import clients_local_steps, init_opt_states, make_optimizer  # noqa: E402
 
 
 MM_CALLS = 10
@@ -70,10 +67,7 @@ def memory_child(model: str, C: int, S: int, B: int, T: int, dtype: str = "float
 
 def main(argv=None) -> dict:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=5)
-    p.add_argument("--model", default="34m", choices=sorted(common.CONFIGS))
-    p.add_argument("--steps", type=int, default=2, help="local steps per timed call")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
+    common.add_shape_args(p, model="34m", steps=2, steps_help="local steps per timed call")
     p.add_argument("--mm", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="base weights and activations (the peak is measured in the same dtype)")
@@ -93,15 +87,12 @@ def main(argv=None) -> dict:
     S, B, T = args.steps, args.batch, args.seq
 
     # --- 1 + 2: peak and our step, alternated -------------------------------------------------
-    base = common.base_params(cfg, dtype=args.dtype)
-    lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
-    opt = make_optimizer()
-    state = set_learning_rate(opt.init(lora), 5e-4)
-    batches = common.jax_batches((S, B, T), cfg.vocab_size)
-    head = head_tokens_for_batches(0, np.asarray(batches.loss_mask))  # as the runner sizes it
-    steps = {"step": jax.jit(partial(local_steps, cfg=cfg, optimizer=opt, head_tokens=head)),
-             "step_all": jax.jit(partial(local_steps, cfg=cfg, optimizer=opt))}
-    key = jax.random.PRNGKey(0)
+    steps = {}
+    for name, head_mode in (("step", "loss"), ("step_all", "all")):
+        fn, fn_args, head_tokens = common.single_client_step(cfg, S, B, T, head=head_mode, dtype=args.dtype)
+        steps[name] = (fn, fn_args)
+        if head_mode == "loss":
+            head, base = head_tokens, fn_args[0]
     n = args.mm
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(args.dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(args.dtype)
@@ -109,7 +100,7 @@ def main(argv=None) -> dict:
     # the peak a long computation sustains: MM_CALLS back-to-back products per timed sample (one
     # product right after a multi-second step ran at half speed in the first idle run)
     fns = {"matmul": lambda: [mm(a, b) for _ in range(MM_CALLS)]}
-    fns.update({k: (lambda f=f: f(base, lora, state, batches, key)) for k, f in steps.items()})
+    fns.update({k: (lambda f=f, xs=xs: f(*xs)) for k, (f, xs) in steps.items()})
     r = common.alternate(fns, repeats=args.repeats, warmup=1)
     mm_flops = 2 * n**3 * MM_CALLS
     peak = mm_flops / r["matmul"]["median"]

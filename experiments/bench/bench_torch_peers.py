@@ -85,11 +85,8 @@ def jax_global_from_peft(peft_model, cfg) -> lora_lib.LoraStack:
 
 def main(argv=None) -> dict:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=3)
-    p.add_argument("--model", default="34m", choices=sorted(common.CONFIGS))
+    common.add_shape_args(p, model="34m", steps=10)
     p.add_argument("--clients", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--no-trainer", action="store_true", help="skip the HF Trainer variant")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="torch device (JAX uses its default backend; run on a GPU machine for cuda)")

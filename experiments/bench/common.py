@@ -243,6 +243,37 @@ def fmt_rate(x: float) -> str:
     return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
 
 
+def add_shape_args(p, *, model: str, steps: int, batch: int = 16, seq: int = 128, steps_help: str = None):
+    """--model, --steps, --batch, --seq with a script's defaults."""
+    p.add_argument("--model", default=model, choices=sorted(CONFIGS))
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seq", type=int, default=seq)
+    return p
+
+
+def single_client_step(cfg: LlamaConfig, steps: int, batch: int, seq: int, *, head: str = "loss",
+                       dtype: str = "float32") -> tuple[Callable, tuple, Optional[int]]:
+    """One client's `local_steps` as the runner trains it: (jitted fn, its args, head tokens).
+
+    Random base in `dtype`, one adapter, fresh AdamW (lr 5e-4), batches `[steps, batch, seq]`;
+    head "loss" sizes the LM head as the runner does (`head_tokens_for_batches`), "all" = None.
+    """
+    from functools import partial
+
+    from fedrouter_jax.data.batching import head_tokens_for_batches
+    from fedrouter_jax.training import local_steps, make_optimizer, set_learning_rate
+
+    base = base_params(cfg, dtype=dtype)
+    lora = jax.tree.map(lambda x: x[0], adapters(cfg, 1))
+    opt = make_optimizer()
+    state = set_learning_rate(opt.init(lora), 5e-4)
+    batches = jax_batches((steps, batch, seq), cfg.vocab_size)
+    head_tokens = head_tokens_for_batches(0, np.asarray(batches.loss_mask)) if head == "loss" else None
+    fn = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt, head_tokens=head_tokens))
+    return fn, (base, lora, state, batches, jax.random.PRNGKey(0)), head_tokens
+
+
 def add_common_args(p, default_repeats: int = 5):
     p.add_argument("--small", action="store_true", help="tiny sizes: a few seconds (smoke test)")
     p.add_argument("--repeats", type=int, default=default_repeats, help="timed rounds per variant")

@@ -19,7 +19,6 @@ import glob
 import re
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,8 +27,6 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedrouter_jax.data.batching import head_tokens_for_batches  # noqa: E402
-from fedrouter_jax.training import local_steps, make_optimizer, set_learning_rate  # noqa: E402
 
 
 def _events(trace_dir: str):
@@ -72,30 +69,21 @@ def _dot_flops(hlo: str, name: str) -> tuple[float, str]:
 
 def main(argv=None) -> dict:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), default_repeats=1)
-    p.add_argument("--model", default="34m", choices=sorted(common.CONFIGS))
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2)
+    common.add_shape_args(p, model="34m", steps=2)
     p.add_argument("--head", default="loss", choices=["loss", "all"])
     p.add_argument("--top", type=int, default=25, help="dots to list")
     args = p.parse_args(argv)
     if args.small:
         args.model, args.batch, args.seq, args.steps, args.top = "small", 2, 16, 2, 5
     info = common.header("Profile of one jitted training step (per XLA op)", args)
-    cfg, S, B, T = common.CONFIGS[args.model], args.steps, args.batch, args.seq
-    base = common.base_params(cfg)
-    lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
-    opt = make_optimizer()
-    state = set_learning_rate(opt.init(lora), 5e-4)
-    batches = common.jax_batches((S, B, T), cfg.vocab_size)
-    head = head_tokens_for_batches(0, np.asarray(batches.loss_mask)) if args.head == "loss" else None
-    step = jax.jit(partial(local_steps, cfg=cfg, optimizer=opt, head_tokens=head))
-    key = jax.random.PRNGKey(0)
-    hlo = step.lower(base, lora, state, batches, key).compile().as_text()
-    jax.block_until_ready(step(base, lora, state, batches, key))  # compile + warm
+    S = args.steps
+    step, step_args, _ = common.single_client_step(common.CONFIGS[args.model], S, args.batch, args.seq,
+                                                   head=args.head)
+    hlo = step.lower(*step_args).compile().as_text()
+    jax.block_until_ready(step(*step_args))  # compile + warm
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
-        jax.block_until_ready(step(base, lora, state, batches, key))
+        jax.block_until_ready(step(*step_args))
         jax.profiler.stop_trace()
         events = _events(tmp)
 
