@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrouter_jax.kernels import attention as fused
+
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """`x: [..., D]`, `weight: [D]` -> `[..., D]` (variance in float32, as HF does)."""
@@ -76,8 +78,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     """Grouped-query attention.
 
     q: [B, T, H, hd], k, v: [B, S, K, hd], bias: [B, 1, 1, T, S] (`attention_bias`) -> [B, T, H, hd].
-    Each group of H // K query heads shares one kv head.
+    Each group of H // K query heads shares one kv head. On CPU in float32 this runs the fused
+    kernel (`kernels.attention`), elsewhere `xla_attention`; both compute the same function.
     """
+    if fused.applies(q, k, v):
+        return fused.fused_attention(q, k, v, bias[:, 0, 0])
+    return xla_attention(q, k, v, bias)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """`attention` as plain XLA ops: batched dots and a softmax over `[B, K, G, T, S]`."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
