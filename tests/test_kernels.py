@@ -1,0 +1,130 @@
+"""The fused CPU attention kernel computes `layers.xla_attention`: values and gradients, under
+vmap, with GQA, odd head sizes, T != S, left and right padding, fully masked query rows."""
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedrouter_jax.kernels import attention as fused
+from fedrouter_jax.kernels import build
+from fedrouter_jax.models import layers, llama
+
+from helpers import random_batch, random_lora, tiny_model
+
+try:
+    build.compiler()
+except build.KernelBuildError:
+    pytest.skip("no C++ compiler: the fused kernel cannot be built here", allow_module_level=True)
+
+
+def _operands(b, t, s, h, k, d, padding, seed=0):
+    """q, k, v and the `attention_bias` of a causal mask over the last t of s keys plus padding."""
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    kk = jnp.asarray(r.normal(size=(b, s, k, d)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(b, s, k, d)), jnp.float32)
+    lens = r.integers(1, s + 1, size=b)
+    keys = np.arange(s)[None]
+    kmask = keys < lens[:, None] if padding == "right" else keys >= (s - lens)[:, None]
+    allowed = (keys[:, None, :] <= np.arange(t)[None, :, None] + (s - t)) & kmask[:, None, :]
+    return q, kk, v, layers.attention_bias(jnp.asarray(allowed))
+
+
+def _value_and_grads(attn, q, k, v, bias, do):
+    out, vjp = jax.vjp(lambda a, b, c: attn(a, b, c), q, k, v)
+    return (out, *vjp(do))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 2, 1, 16), (3, 37, 37, 4, 2, 24), (2, 128, 128, 8, 8, 64),
+                                   (1, 70, 100, 4, 4, 64), (2, 33, 33, 2, 2, 7)])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_fused_attention_equals_xla_in_value_and_gradient(shape, padding):
+    q, k, v, bias = _operands(*shape, padding)
+    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+    want = _value_and_grads(lambda a, b, c: layers.xla_attention(a, b, c, bias), q, k, v, bias, do)
+    got = _value_and_grads(lambda a, b, c: fused.fused_attention(a, b, c, bias[:, 0, 0]), q, k, v, bias, do)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        scale = float(jnp.abs(y).max())
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=3e-6 * scale, rtol=0, err_msg=name)
+
+
+def test_fully_masked_query_rows_match_the_reference():
+    """A left-pad query sees no key: the reference's softmax is uniform over all keys."""
+    q, k, v, _ = _operands(2, 16, 16, 2, 2, 16, "right")
+    allowed = np.ones((2, 16, 16), bool)
+    allowed[0, :5] = False  # rows with no key at all
+    allowed[1, :, 7:] = False
+    bias = layers.attention_bias(jnp.asarray(allowed))
+    want = layers.xla_attention(q, k, v, bias)
+    got = fused.fused_attention(q, k, v, bias[:, 0, 0])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got[0, :5]), np.broadcast_to(np.asarray(v[0].mean(0)), (5, 2, 16)),
+                               atol=2e-6)
+
+
+def test_fused_attention_under_vmap_equals_each_client():
+    """The client vmap folds into the kernel's batch: every client's output and gradient as alone."""
+    ops = [_operands(2, 24, 24, 4, 2, 16, "right", seed=s) for s in range(3)]
+    q, k, v, bias = (jnp.stack(x) for x in zip(*ops))
+
+    def loss(a, b, c, m):
+        return jnp.sum(jnp.sin(fused.fused_attention(a, b, c, m[:, 0, 0])))
+
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))(q, k, v, bias)
+    for i, (qi, ki, vi, bi) in enumerate(ops):
+        alone = jax.grad(lambda a, b, c: jnp.sum(jnp.sin(layers.xla_attention(a, b, c, bi))), argnums=(0, 1, 2))(
+            qi, ki, vi)
+        for x, y in zip(grads, alone):
+            np.testing.assert_allclose(np.asarray(x[i]), np.asarray(y), atol=3e-6)
+
+
+def test_nan_input_propagates():
+    q, k, v, bias = _operands(1, 16, 16, 2, 2, 16, "right")
+    out = fused.fused_attention(q.at[0, 3, 1, 0].set(jnp.nan), k, v, bias[:, 0, 0])
+    assert np.isnan(np.asarray(out[0, 3, 1])).all()
+    assert np.isfinite(np.asarray(out[0, :3])).all()
+
+
+def test_model_uses_the_kernel_on_cpu_and_trains_the_same(monkeypatch):
+    """Training gradients of the whole model, fused attention against XLA's."""
+    cfg, params = tiny_model()
+    lora = random_lora(cfg, 1)
+    tokens, mask, _ = random_batch((3, 20), cfg.vocab_size, seed=2)
+
+    def grads():
+        def loss(lo):
+            return jnp.mean(llama.apply(params, tokens, mask, cfg=cfg, lora=lo, adapter_ids=jnp.zeros(3, int)) ** 2)
+        return jax.grad(loss)(lora)
+
+    def hlo():
+        return jax.jit(lambda: llama.apply(params, tokens, mask, cfg=cfg)).lower().as_text()
+
+    monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "1")
+    assert fused._FWD in hlo()
+    got = grads()
+    monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "0")
+    assert fused._FWD not in hlo()
+    want = grads()
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6 * float(jnp.abs(y).max()))
+
+
+def test_bad_env_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="FEDROUTER_FUSED_ATTENTION"):
+        fused.mode()
+
+
+def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDROUTER_CACHE", str(tmp_path))
+    first = build.build(fused.SOURCE)
+    mtime = first.stat().st_mtime_ns
+    assert build.build(fused.SOURCE) == first and first.stat().st_mtime_ns == mtime
+    bad = tmp_path / "broken.cc"
+    bad.write_text("this is not C++\n")
+    with pytest.raises(build.KernelBuildError, match="broken.cc"):
+        build.build(bad)
+    assert not list((tmp_path / "kernels").glob("broken*"))  # no half-written library left
