@@ -59,3 +59,8 @@ def test_bench_torch_peers():
 def test_profile_step():
     r = _main("profile_step")(["--small"])
     assert r["span_s"] > 0 and any(d["flops"] > 0 for d in r["dots"])
+
+
+def test_bench_attention():
+    r = _main("attention")(["--small"])
+    assert r["op"]["ratio fwd+bwd"] > 0 and set(r["step_s"]) == {"xla", "fused"}
