@@ -3,7 +3,7 @@
 One federated round = C clients x S local AdamW steps from the same global adapter, then FedAvg.
 Same Llama (built as `transformers.LlamaForCausalLM` from our config, saved with `save_pretrained`,
 loaded by us with `fedrouter_jax.load_pretrained`), same LoRA (q,k,v,o, rank 8, alpha 16, PEFT
-init), same batches, same response-only loss, same steps. Variants, alternated in one process:
+init), same batches, same response-only loss, same steps. Variants, alternated in one process (the order rotated each repeat):
 
   jax        `training.clients_local_steps` as the runner calls it: all clients' S steps in one
              jitted call (`client_chunk: auto`), the LM head only at positions that predict a
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     variants = {"jax": jax_round, "jax_all": lambda: jax_round(None), "torch_lean": torch_lean_round}
     if not args.no_trainer:
         variants["torch_hf"] = torch_hf_round
-    r = common.alternate(variants, repeats=args.repeats, warmup=1)
+    r = common.alternate(variants, repeats=args.repeats, warmup=1, rotate=True)
     flops = common.train_step_flops(cfg, B, T)  # the head at every position (as torch computes)
     flops_ours = common.train_step_flops(cfg, B, T, head_tokens=head)["total"]
     results = {"config": {"model": args.model, "clients": C, "steps": S, "batch": B, "seq": T},

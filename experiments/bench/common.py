@@ -135,8 +135,13 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def alternate(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict:
+def alternate(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
+              rotate: bool = False) -> dict:
     """Run each zero-argument callable `warmup` times, then `repeats` rounds of A, B, C, ...
+
+    `rotate` starts round r at the r-th variant (A B C, B C A, C A B, ...), so no variant always
+    runs right after the same other one: a torch run leaves the next JAX call in the same process
+    about 5 % slower (measured; not the OpenMP threads' spinning, a 1 s pause did not remove it).
 
     Returns {name: {"wall": [s...], "cpu": [s...], "median": s, "min": s}}. Each call's result
     is blocked on (jax) before the clock stops; torch code is synchronous on the CPU.
@@ -145,8 +150,11 @@ def alternate(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: 
         for f in fns.values():
             _block(f())
     out = {n: {"wall": [], "cpu": []} for n in fns}
-    for _ in range(repeats):
-        for n, f in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        shift = r % len(names) if rotate else 0
+        for n in names[shift:] + names[:shift]:
+            f = fns[n]
             t0, c0 = time.perf_counter(), time.process_time()
             _block(f())
             out[n]["wall"].append(time.perf_counter() - t0)

@@ -157,8 +157,8 @@ void key_ranges(const Dims& d, const float* bias_n, std::vector<int64_t>& lo, st
     for (int64_t r = mb * MR; r < std::min(d.T, (mb + 1) * MR); ++r) {
       const float* row = bias_n + r * d.S;
       int64_t f = 0, l = d.S - 1;
-      while (f < d.S && !(row[f] >= kMasked)) ++f;  // NaN bias counts as a key
-      while (l >= 0 && !(row[l] >= kMasked)) --l;
+      while (f < d.S && row[f] < kMasked) ++f;  // a NaN bias counts as a key (and reaches the output)
+      while (l >= 0 && row[l] < kMasked) --l;
       if (f == d.S) { every_row_has_a_key = false; break; }
       first = std::min(first, f);
       last = std::max(last, l);
