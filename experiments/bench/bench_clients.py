@@ -63,7 +63,7 @@ def run_one(cfg, base, C, S, B, T, repeats) -> dict:
     variants = {"mapped": mapped, "loop": loop}
     if chunk is not None:
         variants["all"] = lambda: mapped(None)
-    r = common.alternate(variants, repeats=repeats, warmup=1)
+    r = common.alternate(variants, repeats=repeats, warmup=1, rotate=True)
     res = {"C": C, "S": S, "B": B, "T": T, "chunk": chunk}
     for name, v in r.items():
         res[name] = {"round_s": v["median"], "round_s_all": v["wall"], "client_steps_per_s": C * S / v["median"],
