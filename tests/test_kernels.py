@@ -128,3 +128,13 @@ def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
     with pytest.raises(build.KernelBuildError, match="broken.cc"):
         build.build(bad)
     assert not list((tmp_path / "kernels").glob("broken*"))  # no half-written library left
+
+
+def test_kernel_applies_only_to_float32_multi_query_attention(monkeypatch):
+    q, k, v, _ = _operands(1, 8, 8, 2, 2, 16, "right")
+    monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "auto")
+    assert fused.applies(q, k, v)
+    assert not fused.applies(q[:, :1], k, v)  # decoding: one query token
+    assert not fused.applies(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "0")
+    assert not fused.applies(q, k, v)

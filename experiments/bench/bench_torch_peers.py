@@ -3,7 +3,8 @@
 One federated round = C clients x S local AdamW steps from the same global adapter, then FedAvg.
 Same Llama (built as `transformers.LlamaForCausalLM` from our config, saved with `save_pretrained`,
 loaded by us with `fedrouter_jax.load_pretrained`), same LoRA (q,k,v,o, rank 8, alpha 16, PEFT
-init), same batches, same response-only loss, same steps. Variants, alternated in one process (the order rotated each repeat):
+init), same batches, same response-only loss, same steps. Variants, alternated in one process
+(the order rotated each repeat):
 
   jax        `training.clients_local_steps` as the runner calls it: all clients' S steps in one
              jitted call (`client_chunk: auto`), the LM head only at positions that predict a

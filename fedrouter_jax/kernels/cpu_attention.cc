@@ -469,32 +469,36 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+using F32Buffer = ffi::Buffer<ffi::F32>;
+
+// The pool and q, k, v, bias [..., T, S]: the operands both handlers start with.
+auto bind_attention_operands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<F32Buffer>()
+      .Arg<F32Buffer>()
+      .Arg<F32Buffer>()
+      .Arg<F32Buffer>();
+}
+
 }  // namespace
 
+// -> o, row max, row sum.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedrouterAttentionFwd, AttentionFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // o
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // row max
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // row sum
+                              bind_attention_operands()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("scale"));
 
+// o, row max, row sum, d o -> d q, d k, d v.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedrouterAttentionBwd, AttentionBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // o
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // row max
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // row sum
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d o
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d q
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d k
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d v
+                              bind_attention_operands()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("scale"));
