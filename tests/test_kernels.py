@@ -1,7 +1,9 @@
 """The fused CPU attention kernel computes `layers.xla_attention`: values and gradients, under
 vmap, with GQA, odd head sizes, T != S, left and right padding, fully masked query rows."""
 import os
-from pathlib import Path
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +140,31 @@ def test_kernel_applies_only_to_float32_multi_query_attention(monkeypatch):
     assert not fused.applies(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     monkeypatch.setenv("FEDROUTER_FUSED_ATTENTION", "0")
     assert not fused.applies(q, k, v)
+
+
+_OTHER_ISA = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from fedrouter_jax.kernels import attention as fused
+from fedrouter_jax.models import layers
+from test_kernels import _operands
+q, k, v, bias = _operands(2, 37, 37, 4, 2, 24, "left")
+f = lambda impl: jax.vjp(impl, q, k, v)
+(o1, vjp1), (o2, vjp2) = f(lambda a, b, c: fused.fused_attention(a, b, c, bias[:, 0, 0])), \\
+    f(lambda a, b, c: layers.xla_attention(a, b, c, bias))
+errs = [float(jnp.abs(x - y).max() / jnp.abs(y).max()) for x, y in zip((o1, *vjp1(o1)), (o2, *vjp2(o1)))]
+print("MAXERR", max(errs))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA levels")
+def test_avx2_build_equals_xla(tmp_path):
+    """The 8-wide (AVX2) path, which machines without AVX-512 compile, built and checked here."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "FEDROUTER_KERNEL_MARCH": "x86-64-v3", "FEDROUTER_CACHE": str(tmp_path),
+           "FEDROUTER_FUSED_ATTENTION": "1", "PYTHONPATH": os.path.dirname(tests) + os.pathsep + tests}
+    r = subprocess.run([sys.executable, "-c", _OTHER_ISA, tests], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert "MAXERR" in r.stdout, r.stderr[-3000:]
+    assert float(r.stdout.split("MAXERR")[1]) < 3e-6

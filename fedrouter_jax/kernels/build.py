@@ -1,6 +1,6 @@
 """Compiles a C++ XLA FFI kernel on first use and caches the shared library.
 
-The library is built with `-march=native` for the machine it runs on, so the cache key covers the
+The library is built with `-march=native` (see `flags`) for the machine it runs on, so the cache key covers the
 source, the flags, the compiler, the jaxlib headers and the CPU's feature flags; a cache shared
 between different machines cannot hand one the other's binary. A failed build is reported once
 and the caller falls back to plain XLA.
@@ -19,7 +19,13 @@ from pathlib import Path
 import jax
 import jaxlib
 
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def flags() -> tuple[str, ...]:
+    """Compiler flags; `FEDROUTER_KERNEL_MARCH` (default `native`) picks the target ISA, e.g.
+    `x86-64-v3` to build (and test) the AVX2 path on an AVX-512 machine."""
+    return (*FLAGS, f"-march={os.environ.get('FEDROUTER_KERNEL_MARCH', 'native')}")
 
 
 class KernelBuildError(RuntimeError):
@@ -50,7 +56,7 @@ def _cpu_flags() -> str:
 def _cache_key(source: Path, cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
+    for part in (source.read_bytes(), " ".join(flags()).encode(), version.encode(),
                  jaxlib.__version__.encode(), _cpu_flags().encode()):
         h.update(part + b"\0")
     return h.hexdigest()[:24]
@@ -69,7 +75,7 @@ def build(source: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+    cmd = [cxx, *flags(), f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
