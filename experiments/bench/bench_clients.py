@@ -35,7 +35,7 @@ from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_step
 LR = 5e-4
 
 
-def run_one(cfg, base, C, S, B, T, repeats) -> dict:
+def run_one(cfg, base, C, S, B, T, repeats, with_all: bool = True) -> dict:
     opt = make_optimizer()
     global_lora = jax.tree.map(lambda x: x[0], common.adapters(cfg, 1))
     batches = common.jax_batches((C, S, B, T), cfg.vocab_size, seed=C)
@@ -61,7 +61,7 @@ def run_one(cfg, base, C, S, B, T, repeats) -> dict:
         return lora_lib.stack_adapters(out)
 
     variants = {"mapped": mapped, "loop": loop}
-    if chunk is not None:
+    if chunk is not None and with_all:
         variants["all"] = lambda: mapped(None)
     r = common.alternate(variants, repeats=repeats, warmup=1, rotate=True)
     res = {"C": C, "S": S, "B": B, "T": T, "chunk": chunk}
@@ -69,7 +69,7 @@ def run_one(cfg, base, C, S, B, T, repeats) -> dict:
         res[name] = {"round_s": v["median"], "round_s_all": v["wall"], "client_steps_per_s": C * S / v["median"],
                      "tokens_per_s": C * S * B * T / v["median"], "cpu_over_wall": v["cpu_median"] / v["median"]}
     res["ratio"] = r["loop"]["median"] / r["mapped"]["median"]
-    res["ratio_all"] = r["loop"]["median"] / r["all" if chunk is not None else "mapped"]["median"]
+    res["ratio_all"] = r["loop"]["median"] / r["all" if "all" in r else "mapped"]["median"]
     return res
 
 
@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, nargs="+", default=[4, 4, 2], help="B per entry of --clients")
     p.add_argument("--seq", type=int, nargs="+", default=[64, 64, 32], help="T per entry of --clients")
+    p.add_argument("--no-all", action="store_true", help="skip the all-clients-at-once variant")
     args = p.parse_args(argv)
     if args.small:
         args.model, args.clients, args.steps, args.batch, args.seq, args.repeats = "small", [4], 2, [2], [16], 1
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
     print(f"{'C':>5s} {'S':>3s} {'B':>3s} {'T':>4s} {'chunk':>5s} | {'mapped c-steps/s':>16s} {'tokens/s':>9s} | "
           f"{'loop c-steps/s':>14s} {'tokens/s':>9s} | {'mapped/loop':>11s} {'all/loop':>8s}  cpu/wall m,l")
     for i, C in enumerate(args.clients):
-        res = run_one(cfg, base, C, args.steps, per(args.batch, i), per(args.seq, i), args.repeats)
+        res = run_one(cfg, base, C, args.steps, per(args.batch, i), per(args.seq, i), args.repeats,
+                      with_all=not args.no_all)
         results["runs"].append(res)
         m, lp = res["mapped"], res["loop"]
         print(f"{C:5d} {res['S']:3d} {res['B']:3d} {res['T']:4d} {str(res['chunk'] or 'all'):>5s} | "
