@@ -66,6 +66,10 @@ def _require() -> None:
         raise RuntimeError("fused CPU attention is unavailable (see the warning above)")
 
 
+def _scale(q) -> np.float32:
+    return np.float32(1.0 / math.sqrt(q.shape[-1]))
+
+
 def _forward(q, k, v, bias):
     _require()
     lead = q.shape[:-3]
@@ -74,7 +78,7 @@ def _forward(q, k, v, bias):
                  jax.ShapeDtypeStruct((*lead, h, t), jnp.float32),
                  jax.ShapeDtypeStruct((*lead, h, t), jnp.float32))
     call = jax.ffi.ffi_call(_FWD, out_types, vmap_method="broadcast_all")
-    return call(q, k, v, bias, scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+    return call(q, k, v, bias, scale=_scale(q))
 
 
 @jax.custom_vjp
@@ -92,8 +96,7 @@ def _fused_bwd(res, do):
     q, k, v, bias, o, row_max, row_sum = res
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call(_BWD, out_types, vmap_method="broadcast_all")
-    dq, dk, dv = call(q, k, v, bias, o, row_max, row_sum, do.astype(jnp.float32),
-                      scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+    dq, dk, dv = call(q, k, v, bias, o, row_max, row_sum, do.astype(jnp.float32), scale=_scale(q))
     return dq, dk, dv, jnp.zeros_like(bias)  # the bias is built from the mask: no gradient
 
 
