@@ -119,6 +119,10 @@ class TrainConfig:
     # train each round on batches cut to their longest row (rounded up to 32) instead of
     # model.max_seq_len: the same result, less work where examples are short
     trim_padding: bool = True
+    # how the training step runs the decoder layers: "auto" = a Python loop (unrolled) on CPU,
+    # where the scan's stacked residuals cost memory passes, and `lax.scan` on accelerators
+    # (models.llama.unroll_layers); "scan" also keeps a long model's compile time down on CPU
+    layer_loop: Literal["auto", "scan", "unroll"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

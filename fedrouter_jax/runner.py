@@ -284,7 +284,7 @@ class Run:
                                       1 if self.mesh is None else self.mesh.devices.size)
             trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
                                                                optimizer=self.optimizer, client_chunk=chunk,
-                                                               head_tokens=head)
+                                                               head_tokens=head, layer_loop=cfg.train.layer_loop)
             _check_round(r, plan, metrics, trained)
             state = self.algo.aggregate(data.ctx, state, plan, trained, r)
             state = jax.tree.map(np.asarray, state)

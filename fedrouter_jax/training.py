@@ -100,14 +100,15 @@ def response_loss_on_loss_tokens(base: dict, hidden: jax.Array, batch: Batch, cf
 
 
 def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False,
-              head_tokens: Optional[int] = None):
+              head_tokens: Optional[int] = None, layer_loop: str = "auto"):
     """(loss, (n_tokens, overflow)). `head_tokens`: see `response_loss_on_loss_tokens`; None
-    computes the head on all B x T positions."""
+    computes the head on all B x T positions. `layer_loop`: see `llama.unroll_layers`."""
     lora = with_frozen(lora, frozen)
+    run = dict(cfg=cfg, lora=lora, remat=remat, layer_loop=layer_loop)
     if head_tokens is None:
-        loss, n = response_loss(llama.apply(base, batch.tokens, batch.mask, cfg=cfg, lora=lora, remat=remat), batch)
+        loss, n = response_loss(llama.apply(base, batch.tokens, batch.mask, **run), batch)
         return loss, (n, jnp.zeros((), jnp.int32))
-    hidden = llama.transformer(base, batch.tokens, batch.mask, cfg=cfg, lora=lora, remat=remat)
+    hidden = llama.transformer(base, batch.tokens, batch.mask, **run)
     loss, n, overflow = response_loss_on_loss_tokens(base, hidden, batch, cfg, head_tokens)
     return loss, (n, overflow.astype(jnp.int32))
 
@@ -124,6 +125,7 @@ def lora_train_step(
     frozen: Optional[LoraStack] = None,
     remat: bool = False,
     head_tokens: Optional[int] = None,
+    layer_loop: str = "auto",
 ):
     """One AdamW step on a single adapter. batch leaves [B, T] -> (lora, opt_state, metrics).
 
@@ -134,7 +136,7 @@ def lora_train_step(
     """
     del key
     (loss, (n, overflow)), grads = jax.value_and_grad(lora_loss, has_aux=True)(
-        lora, base, batch, cfg, frozen, remat, head_tokens)
+        lora, base, batch, cfg, frozen, remat, head_tokens, layer_loop)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads),
@@ -142,7 +144,7 @@ def lora_train_step(
 
 
 def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, frozen=None, remat=False,
-                head_tokens=None):
+                head_tokens=None, layer_loop="auto"):
     """S steps by `lax.scan` over batches [S, B, T] -> (lora, opt_state, metrics [S])."""
     keys = jax.random.split(key, batches.tokens.shape[0])
 
@@ -151,7 +153,7 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
         batch, k = xs
         lora, opt_state, m = lora_train_step(
             base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat,
-            head_tokens=head_tokens,
+            head_tokens=head_tokens, layer_loop=layer_loop,
         )
         return (lora, opt_state), m
 
@@ -176,6 +178,8 @@ def map_in_chunks(fn, xs, chunk: Optional[int]):
     n = -(-n_rows // chunk)
     g = -(-n_rows // n)
     pad = n * g - n_rows
+    if g == 1:
+        return jax.lax.map(fn, xs)
 
     def split(x):  # [N, ...] -> [n, g, ...] with row i at [i % n, i // n]
         if pad:
@@ -189,10 +193,11 @@ def map_in_chunks(fn, xs, chunk: Optional[int]):
     return jax.tree.map(merge, ys)
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk", "head_tokens"),
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk", "head_tokens", "layer_loop"),
          donate_argnums=(1, 2))
 def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer,
-                        remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None):
+                        remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None,
+                        layer_loop: str = "auto"):
     """All clients' local training of one round in ONE compiled call.
 
     loras, opt_states: leading axis C; batches leaves [C, S, B, T]; keys [C, 2];
@@ -203,12 +208,13 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
     `client_chunk` vmaps that many clients at a time inside the call (`map_in_chunks`): it bounds
     activation memory (C x activations otherwise) and keeps a CPU's working set in cache.
     The result does not depend on it. `head_tokens`: the LM head on loss positions only (see
-    `response_loss_on_loss_tokens`; metrics["head_overflow"] must be 0).
+    `response_loss_on_loss_tokens`; metrics["head_overflow"] must be 0). `layer_loop`: scan or
+    unroll the layers (`llama.unroll_layers`; the result does not depend on it).
     """
     def run(xs):
         lora, opt, b, k, fr = xs
         return local_steps(base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat,
-                           head_tokens=head_tokens)
+                           head_tokens=head_tokens, layer_loop=layer_loop)
 
     return map_in_chunks(run, (loras, opt_states, batches, keys, frozen), client_chunk)
 

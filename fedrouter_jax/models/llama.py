@@ -194,6 +194,28 @@ def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, cache=None, c
     return x, (k, v)
 
 
+LAYER_LOOPS = ("auto", "scan", "unroll")
+
+
+def unroll_layers(layer_loop: str = "auto") -> bool:
+    """Run the layers as a Python loop instead of a `lax.scan`? "auto": unrolled on CPU.
+
+    This pays when the layers are differentiated (training): autodiff of a scan stacks every
+    layer's residuals into `[L, ...]` buffers, which XLA:CPU zero-fills each step, copies each
+    residual into (`dynamic-update-slice`) and back out of in the backward pass
+    (`dynamic-slice`): memory-bound passes over every activation the backward needs (about 16 %
+    of a 128-client round with the embedded model, BENCHMARKS.md §1). Unrolled, each residual
+    stays in the buffer that produced it. A forward-only pass stacks nothing, so inference keeps
+    the scan (`transformer`'s default), and accelerators keep it too: there these copies are
+    cheap next to the matmuls, and the program (compile time) stays one layer long.
+    """
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    if layer_loop == "auto":
+        return jax.default_backend() == "cpu"
+    return layer_loop == "unroll"
+
+
 def transformer(
     params: dict,
     tokens: jax.Array,
@@ -208,12 +230,17 @@ def transformer(
     key_mask: Optional[jax.Array] = None,
     return_cache: bool = False,
     remat: bool = False,
+    layer_loop: str = "scan",
 ):
     """Final-normed hidden states `[B, T, D]` (and the kv cache `[L, B, S, K, hd]` x2 if asked).
 
     tokens, mask: [B, T]. Without a cache, query t attends key s iff s <= t and mask[s].
     With a cache (decoding), the T new tokens are written at `cache_index` and attend the
     cache's keys s <= cache_index + t with `key_mask[B, S]` set.
+    `layer_loop`: "scan" (`lax.scan` over the stacked layers), "unroll" (a Python loop: one copy
+    of the layer per layer in the program) or "auto" (`unroll_layers`: unrolled on CPU). The
+    same function up to float32 rounding (XLA fuses the unrolled program differently); training
+    uses "auto", inference the scan.
     """
     if positions is None:
         positions = positions_from_mask(mask)
@@ -237,7 +264,15 @@ def transformer(
 
     if remat:
         body = jax.checkpoint(body)
-    x, kv = jax.lax.scan(body, x, (params["layers"], lora_xs, cache))
+    xs = (params["layers"], lora_xs, cache)
+    if unroll_layers(layer_loop):
+        kvs = []
+        for i in range(cfg.num_hidden_layers):
+            x, kv_i = body(x, jax.tree.map(lambda a: a[i], xs))
+            kvs.append(kv_i)
+        kv = None if kvs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+    else:
+        x, kv = jax.lax.scan(body, x, xs)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return (x, kv) if (return_cache or cache is not None) else x
 
@@ -257,9 +292,11 @@ def apply(
     lora: Optional[LoraStack] = None,
     adapter_ids: Optional[jax.Array] = None,
     remat: bool = False,
+    layer_loop: str = "scan",
 ) -> jax.Array:
     """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]`."""
-    hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat)
+    hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat,
+                         layer_loop=layer_loop)
     return lm_head(params, hidden, cfg)
 
 
