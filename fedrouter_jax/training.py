@@ -100,11 +100,12 @@ def response_loss_on_loss_tokens(base: dict, hidden: jax.Array, batch: Batch, cf
 
 
 def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False,
-              head_tokens: Optional[int] = None, layer_loop: str = "auto"):
+              head_tokens: Optional[int] = None, layer_loop: str = "auto", rope=None):
     """(loss, (n_tokens, overflow)). `head_tokens`: see `response_loss_on_loss_tokens`; None
-    computes the head on all B x T positions. `layer_loop`: see `llama.unroll_layers`."""
+    computes the head on all B x T positions. `layer_loop`: see `llama.unroll_layers`.
+    `rope`: the batch's precomputed `llama.rope_tables` (None: computed in the forward)."""
     lora = with_frozen(lora, frozen)
-    run = dict(cfg=cfg, lora=lora, remat=remat, layer_loop=layer_loop)
+    run = dict(cfg=cfg, lora=lora, remat=remat, layer_loop=layer_loop, rope=rope)
     if head_tokens is None:
         loss, n = response_loss(llama.apply(base, batch.tokens, batch.mask, **run), batch)
         return loss, (n, jnp.zeros((), jnp.int32))
@@ -126,6 +127,7 @@ def lora_train_step(
     remat: bool = False,
     head_tokens: Optional[int] = None,
     layer_loop: str = "auto",
+    rope=None,
 ):
     """One AdamW step on a single adapter. batch leaves [B, T] -> (lora, opt_state, metrics).
 
@@ -136,7 +138,7 @@ def lora_train_step(
     """
     del key
     (loss, (n, overflow)), grads = jax.value_and_grad(lora_loss, has_aux=True)(
-        lora, base, batch, cfg, frozen, remat, head_tokens, layer_loop)
+        lora, base, batch, cfg, frozen, remat, head_tokens, layer_loop, rope)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads),
@@ -147,17 +149,22 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
                 head_tokens=None, layer_loop="auto"):
     """S steps by `lax.scan` over batches [S, B, T] -> (lora, opt_state, metrics [S])."""
     keys = jax.random.split(key, batches.tokens.shape[0])
+    # With the layers unrolled, RoPE's cos/sin for all S batches are computed here, before the
+    # step loop: computed inside it, XLA fuses them into every consumer in the unrolled layers
+    # and recomputes the sines and cosines per head, layer and direction (about 0.3
+    # thread-seconds per step of the 34M model, BENCHMARKS.md §5). A loop input is a buffer.
+    ropes = jax.vmap(lambda m: llama.rope_tables(m, cfg))(batches.mask) if llama.unroll_layers(layer_loop) else None
 
     def step(carry, xs):
         lora, opt_state = carry
-        batch, k = xs
+        batch, k, rope = xs
         lora, opt_state, m = lora_train_step(
             base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat,
-            head_tokens=head_tokens, layer_loop=layer_loop,
+            head_tokens=head_tokens, layer_loop=layer_loop, rope=rope,
         )
         return (lora, opt_state), m
 
-    (lora, opt_state), metrics = jax.lax.scan(step, (lora, opt_state), (batches, keys))
+    (lora, opt_state), metrics = jax.lax.scan(step, (lora, opt_state), (batches, keys, ropes))
     return lora, opt_state, metrics
 
 

@@ -43,3 +43,20 @@ def test_layer_loop_choice():
     assert llama.unroll_layers("auto") == (jax.default_backend() == "cpu")
     with pytest.raises(ValueError, match="layer_loop must be one of"):
         llama.unroll_layers("python")
+
+
+def test_local_steps_unrolled_with_precomputed_rope_equal_scanned():
+    """`local_steps` computes RoPE's tables before the step loop when the layers are unrolled."""
+    from fedrouter_jax.training import local_steps, make_optimizer, set_learning_rate
+
+    cfg, params = tiny_model()
+    lora = take(random_lora(cfg, 1), 0)
+    opt = make_optimizer()
+    batches = Batch(*map(jnp.asarray, random_batch((3, 2, 12), cfg.vocab_size, seed=6)))
+    run = lambda loop: jax.jit(lambda l: local_steps(params, l, set_learning_rate(opt.init(l), 1e-2), batches,
+                                                     jax.random.PRNGKey(0), cfg=cfg, optimizer=opt,
+                                                     layer_loop=loop))(lora)
+    (l_s, _, m_s), (l_u, _, m_u) = run("scan"), run("unroll")
+    np.testing.assert_allclose(np.asarray(m_u["loss"]), np.asarray(m_s["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(l_u), jax.tree.leaves(l_s)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

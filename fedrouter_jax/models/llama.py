@@ -216,6 +216,13 @@ def unroll_layers(layer_loop: str = "auto") -> bool:
     return layer_loop == "unroll"
 
 
+def rope_tables(mask: jax.Array, cfg: LlamaConfig, positions: Optional[jax.Array] = None) -> tuple:
+    """RoPE's (cos, sin), each `[B, T, hd]` float32, at `positions` (default: from `mask [B, T]`)."""
+    if positions is None:
+        positions = positions_from_mask(mask)
+    return rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
+
+
 def transformer(
     params: dict,
     tokens: jax.Array,
@@ -231,6 +238,7 @@ def transformer(
     return_cache: bool = False,
     remat: bool = False,
     layer_loop: str = "scan",
+    rope: Optional[tuple] = None,
 ):
     """Final-normed hidden states `[B, T, D]` (and the kv cache `[L, B, S, K, hd]` x2 if asked).
 
@@ -240,11 +248,10 @@ def transformer(
     `layer_loop`: "scan" (`lax.scan` over the stacked layers), "unroll" (a Python loop: one copy
     of the layer per layer in the program) or "auto" (`unroll_layers`: unrolled on CPU). The
     same function up to float32 rounding (XLA fuses the unrolled program differently); training
-    uses "auto", inference the scan.
+    uses "auto", inference the scan. `rope`: this batch's `rope_tables` computed by the caller
+    (see `training.local_steps`); None computes them here.
     """
-    if positions is None:
-        positions = positions_from_mask(mask)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
+    cos, sin = rope_tables(mask, cfg, positions) if rope is None else rope
     t = tokens.shape[1]
     if cache is None:
         q_idx, k_idx, kmask = jnp.arange(t), jnp.arange(t), mask
@@ -293,10 +300,11 @@ def apply(
     adapter_ids: Optional[jax.Array] = None,
     remat: bool = False,
     layer_loop: str = "scan",
+    rope: Optional[tuple] = None,
 ) -> jax.Array:
-    """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]`."""
+    """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]` (other arguments: `transformer`)."""
     hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat,
-                         layer_loop=layer_loop)
+                         layer_loop=layer_loop, rope=rope)
     return lm_head(params, hidden, cfg)
 
 
