@@ -176,6 +176,8 @@ def map_in_chunks(fn, xs, chunk: Optional[int]):
     padded with copies of the first rows; their results are dropped). Row i goes to group
     i % n, so a leading axis sharded in contiguous blocks over devices stays sharded on the
     group axis. Only one group's activations are live at a time: memory is O(g), not O(N).
+    Groups of one row are a `lax.map` with no vmap: under a size-1 vmap XLA:CPU turned the
+    RMSNorm backward's row sums into slow YNNPACK reductions (docs/DESIGN.md).
     """
     n_rows = jax.tree.leaves(xs)[0].shape[0]
     if chunk is None or chunk >= n_rows:
