@@ -6,7 +6,7 @@ import pytest
 
 from fedrouter_jax.lora import take
 from fedrouter_jax.models import llama
-from fedrouter_jax.training import Batch, lora_loss
+from fedrouter_jax.training import Batch, local_steps, lora_loss, make_optimizer, set_learning_rate
 
 from helpers import random_batch, random_lora, tiny_model
 
@@ -47,8 +47,6 @@ def test_layer_loop_choice():
 
 def test_local_steps_unrolled_with_precomputed_rope_equal_scanned():
     """`local_steps` computes RoPE's tables before the step loop when the layers are unrolled."""
-    from fedrouter_jax.training import local_steps, make_optimizer, set_learning_rate
-
     cfg, params = tiny_model()
     lora = take(random_lora(cfg, 1), 0)
     opt = make_optimizer()
