@@ -39,6 +39,7 @@ __all__ = [
     "ClusterConfig",
     "EvalConfig",
     "CheckpointConfig",
+    "FederationConfig",
     "FedClusterConfig",
     "FedDPAConfig",
     "FedRouterConfig",
@@ -156,6 +157,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """Who takes part in a round and what happens to replies that fail."""
+
+    clients_per_round: Optional[int] = None  # clients sampled each round (seeded); None = all
+    dropout_rate: float = 0.0  # probability that a sampled client's reply never arrives (seeded)
+    # a reply with a NaN/Inf loss, gradient or adapter: "drop" it (the round goes on with the
+    # others; the run stops only when every reply of a round is dropped) or "stop" the run
+    on_nonfinite: Literal["drop", "stop"] = "drop"
+
+
+@dataclasses.dataclass(frozen=True)
 class FedClusterConfig:
     n_clusters: int = 4
     cluster_round: int = 1  # round after which clients are clustered
@@ -184,6 +196,7 @@ class FedRouterConfig:
     clustering: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     fedcluster: FedClusterConfig = dataclasses.field(default_factory=FedClusterConfig)
     feddpa: FedDPAConfig = dataclasses.field(default_factory=FedDPAConfig)
 
@@ -609,6 +622,13 @@ def validate(cfg: FedRouterConfig) -> None:
         elif not Path(d.hf_dir).expanduser().is_dir():
             e.append(f"data.hf_dir: directory {d.hf_dir!r} does not exist; expected a local "
                      "dataset directory (data.source: hf)")
+
+    fe = cfg.federation
+    if fe.clients_per_round is not None:
+        need(1 <= fe.clients_per_round <= d.n_clients,
+             f"federation.clients_per_round: expected in [1, data.n_clients={d.n_clients}] or null (all), "
+             f"got {fe.clients_per_round}")
+    need(0.0 <= fe.dropout_rate < 1.0, f"federation.dropout_rate: expected in [0, 1), got {fe.dropout_rate}")
 
     need(t.rounds >= 1, f"train.rounds: expected >= 1, got {t.rounds}")
     need(t.local_steps >= 1, f"train.local_steps: expected >= 1, got {t.local_steps}")
