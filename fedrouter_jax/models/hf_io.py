@@ -1,29 +1,26 @@
 """HF checkpoint I/O kept next to the model: safetensors <-> params, and PEFT adapter export.
 
-The safetensors format is read directly (an 8-byte header length, a JSON header, raw
-little-endian buffers), so bf16 checkpoints load without torch (`ml_dtypes.bfloat16`) and every
-error can name the tensor, the file and the shapes involved.
+Tensors are read with the `safetensors` package one at a time (`safe_open(framework="np")`,
+bf16 as `ml_dtypes.bfloat16`, no torch), file by file for sharded checkpoints, and copied
+straight into preallocated arrays of the target dtype in our stacked layout: the host holds the
+weights once plus a bounded window of the file being read, never an fp32 copy of the model.
+Every error names the file and the tensor.
 """
 from __future__ import annotations
 
 import json
-import struct as _struct
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+from safetensors import safe_open
 
 from fedrouter_jax.lora import LoraStack
 from fedrouter_jax.models.config import LlamaConfig
 from fedrouter_jax.models.llama import param_shapes
-
-_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 # our layer key -> HF module path inside `model.layers.{i}.`
 _HF_LAYER = {
@@ -32,49 +29,27 @@ _HF_LAYER = {
     "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
+_INDEX, _SINGLE = "model.safetensors.index.json", "model.safetensors"
+# A safetensors mapping keeps every page it has read resident until the file is closed, so the
+# reader reopens a file after this many bytes: the host then holds the loaded weights plus at
+# most this window, not the weights plus the whole file.
+READ_WINDOW_BYTES = 256 << 20
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint whose tensors do not match the config (names the tensor, file and shapes)."""
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as numpy arrays (memory-mapped, zero-copy)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = _struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = buf[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one `.safetensors` file as numpy arrays (small files: tests, adapters)."""
+    reader = _FileReader(Path(path))
+    return dict(reader.tensors(reader.names()))
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
-    """Write tensors in the safetensors format (any dtype in `_DTYPES`, bf16 included)."""
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        data = arr.tobytes()
-        header[name] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    header["__metadata__"] = metadata or {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep buffers 8-byte aligned
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
-    tmp.replace(path)
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
+    """Write numpy tensors (bf16 included) as a `.safetensors` file (`format: pt` so torch loads it)."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
 
 
 def _hf_name_map(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
@@ -88,68 +63,139 @@ def _hf_name_map(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
     return names
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file, from `model.safetensors` or a sharded `model.safetensors.index.json`."""
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
+def _ignored(name: str, cfg: LlamaConfig) -> bool:
+    """Tensors some checkpoints store that the model does not use."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    return cfg.tie_word_embeddings and name == "lm_head.weight"  # a tied checkpoint's copy of the embedding
+
+
+def _weight_map(directory: Path) -> Optional[dict[str, Path]]:
+    """Tensor name -> shard file from `model.safetensors.index.json`; None for a single file."""
+    index = directory / _INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / fname for name, fname in weight_map.items()}
-    if single.exists():
-        return {name: single for name in read_safetensors(single)}
+        return {name: directory / fname for name, fname in json.loads(index.read_text())["weight_map"].items()}
+    if (directory / _SINGLE).exists():
+        return None
     raise FileNotFoundError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json "
-        "(expected an HF Llama checkpoint saved with safe_serialization)"
+        f"{directory}: no {_SINGLE} or {_INDEX} (expected an HF Llama checkpoint saved with safe_serialization)"
     )
 
 
-def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
-    """Load HF safetensors weights into our stacked layout. `dtype=None` keeps the file's dtype."""
-    directory = Path(directory)
-    files = _tensor_files(directory)
-    expected = _hf_name_map(cfg)
-    shapes = param_shapes(cfg)
-    extra = sorted(set(files) - set(expected))
-    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
-        extra.remove("lm_head.weight")  # some tied checkpoints still store the (identical) head
-    extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]
+def _check_names(names: dict[str, Path], expected: dict, cfg: LlamaConfig, where: Path) -> None:
+    extra = sorted(n for n in set(names) - set(expected) if not _ignored(n, cfg))
     if extra:
-        n = extra[0]
         raise CheckpointFormatError(
-            f"{files[n]}: unexpected tensor {n!r} (not part of a Llama with this config.json); "
+            f"{names[extra[0]]}: unexpected tensor {extra[0]!r} (not part of a Llama with this config.json); "
             f"{len(extra)} unexpected in total"
         )
-    loaded: dict[Path, dict] = {}
-    per_layer: dict[str, list] = {k: [None] * cfg.num_hidden_layers for k in _HF_LAYER}
-    params: dict = {"layers": {}}
-    for name, (path, transpose) in expected.items():
-        if name not in files:
-            where = directory / ("model.safetensors.index.json" if (directory / "model.safetensors.index.json").exists() else "model.safetensors")
-            raise CheckpointFormatError(f"{where}: missing tensor {name!r}")
-        f = files[name]
-        if f not in loaded:
-            if not f.exists():
-                raise FileNotFoundError(f"{f}: shard listed in the index for {name!r} does not exist")
-            loaded[f] = read_safetensors(f)
-        if name not in loaded[f]:
-            raise CheckpointFormatError(f"{f}: missing tensor {name!r} (the index says it is here)")
-        arr = loaded[f][name]
-        want = shapes[path[0]] if len(path) == 1 else shapes["layers"][path[1]][1:]
-        got = arr.shape[::-1] if transpose else arr.shape
-        if tuple(got) != tuple(want):
-            hf_want = tuple(want[::-1]) if transpose else tuple(want)
-            raise CheckpointFormatError(
-                f"{f}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} from config.json"
-            )
-        arr = arr.T if transpose else arr
-        if len(path) == 1:
-            params[path[0]] = arr
-        else:
-            per_layer[path[1]][path[2]] = arr
-    for k, arrs in per_layer.items():
-        params["layers"][k] = np.stack(arrs)
-    cast = (lambda a: jnp.asarray(a, dtype)) if dtype is not None else jnp.asarray
-    return {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v)) for k, v in params.items()}
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise CheckpointFormatError(f"{where}: missing tensor {missing[0]!r}")
+
+
+class _FileReader:
+    """Lazily opened tensors of one `.safetensors` file, read in bounded windows.
+
+    The header is parsed when first needed (`names` or `tensors`) and that open file is used for
+    the first window; the file is reopened only to release a window of `READ_WINDOW_BYTES`.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self._file = path, None
+
+    def _reopen(self):
+        self.close()
+        try:
+            self._file = safe_open(str(self.path), framework="np")
+        except safetensors.SafetensorError as err:
+            raise CheckpointFormatError(f"{self.path}: not a readable safetensors file ({err})") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path}: file does not exist") from None
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            self._file = None
+
+    def names(self) -> list[str]:
+        return list((self._file or self._reopen()).keys())
+
+    def tensors(self, names) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for each of `names`, in order; closes the file at the end."""
+        f, read = self._file or self._reopen(), 0
+        try:
+            for name in names:
+                if read >= READ_WINDOW_BYTES:
+                    f, read = self._reopen(), 0
+                try:
+                    arr = f.get_tensor(name)
+                except safetensors.SafetensorError as err:
+                    if name not in f.keys():
+                        raise CheckpointFormatError(f"{self.path}: missing tensor {name!r}") from None
+                    raise CheckpointFormatError(f"{self.path}: tensor {name!r} is unreadable ({err})") from None
+                read += arr.nbytes
+                yield name, arr
+        finally:
+            self.close()
+
+
+def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
+    """Load HF safetensors weights into our stacked layout (layer leaves `[L, ...]`).
+
+    `dtype=None` keeps the file's dtype. Each tensor is cast and transposed into its place in a
+    preallocated array of the target dtype, file by file, so peak host memory is the weights in
+    that dtype plus one read window (`READ_WINDOW_BYTES`); on CPU the arrays become `jax.Array`s
+    without a further copy.
+    """
+    directory = Path(directory)
+    expected = _hf_name_map(cfg)
+    weight_map = _weight_map(directory)
+    readers: dict[Path, _FileReader] = {}
+    if weight_map is None:  # a single file: its header lists the tensors (and stays open for the read)
+        single = readers[directory / _SINGLE] = _FileReader(directory / _SINGLE)
+        weight_map, where = dict.fromkeys(single.names(), single.path), single.path
+    else:
+        where = directory / _INDEX
+    try:
+        _check_names(weight_map, expected, cfg, where)
+    except CheckpointFormatError:
+        for r in readers.values():
+            r.close()
+        raise
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(weight_map[name], []).append(name)
+
+    shapes = param_shapes(cfg)
+    out: dict = {"layers": {}}
+    for path, names in by_file.items():
+        reader = readers.get(path) or _FileReader(path)
+        for name, arr in reader.tensors(names):
+            key, transpose = expected[name]
+            want = shapes[key[0]] if len(key) == 1 else shapes["layers"][key[1]][1:]
+            got = arr.shape[::-1] if transpose else arr.shape
+            if tuple(got) != tuple(want):
+                hf_want = tuple(want[::-1]) if transpose else tuple(want)
+                raise CheckpointFormatError(
+                    f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} from config.json"
+                )
+            value = arr.T if transpose else arr
+            if len(key) == 1:
+                out[key[0]] = np.ascontiguousarray(value, dtype=dtype or arr.dtype)
+            else:
+                layers = out["layers"]
+                if key[1] not in layers:  # pages cost no memory until written
+                    layers[key[1]] = np.empty(shapes["layers"][key[1]], dtype or arr.dtype)
+                layers[key[1]][key[2]] = value
+    return _to_jax(out)
+
+
+def _to_jax(tree: dict) -> dict:
+    """numpy leaves -> jax.Arrays, dropping each numpy array once converted (where the backend
+    copies, only one leaf is ever held twice)."""
+    return {k: _to_jax(tree.pop(k)) if isinstance(tree[k], dict) else jnp.asarray(tree.pop(k)) for k in list(tree)}
 
 
 def load_pretrained(path: str | Path, dtype=None) -> tuple[LlamaConfig, dict]:
@@ -172,7 +218,7 @@ def save_pretrained(directory: str | Path, cfg: LlamaConfig, params: dict) -> No
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
     write_safetensors(directory / "model.safetensors", tensors)
     d = cfg.to_hf_dict()
-    d["torch_dtype"] = str(np.asarray(params["embed"]).dtype).replace("bfloat16", "bfloat16")
+    d["torch_dtype"] = str(np.asarray(params["embed"]).dtype)
     (directory / "config.json").write_text(json.dumps(d, indent=2))
 
 
