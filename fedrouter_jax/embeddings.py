@@ -1,12 +1,14 @@
 """Sample embeddings from the frozen base: padding-aware mean of the final-normed last hidden state.
 
 Computed once per run in fixed-size jitted batches and cached on disk under a key of
-(model weights, tokenizer, texts, max tokens), so reruns and resumed runs skip the work.
+(model fingerprint, tokenizer, texts, max tokens), so reruns and resumed runs skip the work.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import struct
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,12 +54,51 @@ def cache_key(model_fingerprint: str, texts: Sequence[str], max_tokens: int, tok
 
 
 def file_fingerprint(paths: Sequence[Path]) -> str:
-    """Content hash of files (the model's safetensors/config or the tokenizer)."""
+    """Content hash of small files (the tokenizer); weights: `model_fingerprint`."""
     h = hashlib.sha256()
     for p in sorted(map(Path, paths)):
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+# Bytes of each weight file hashed by `model_fingerprint`, besides its size and header.
+_SAMPLES, _SAMPLE_BYTES = 32, 4096
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Cache key of an HF model directory without reading its weights in full.
+
+    Hashes config.json and the shard index whole, and for each `*.safetensors` file its name,
+    size, safetensors header (names, dtypes, shapes, offsets) and `_SAMPLES` evenly spaced
+    `_SAMPLE_BYTES`-byte samples of its data (about 128 KiB per file). Copies of a model share a
+    fingerprint (no mtimes); retrained weights change every sample. Memoised per process on the
+    files' (name, size, mtime), so a run computes it once.
+    """
+    model_dir = Path(model_dir).resolve()
+    files = sorted(model_dir.glob("*.safetensors")) + [p for p in (model_dir / "config.json",
+                                                                    model_dir / "model.safetensors.index.json")
+                                                       if p.exists()]
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(model_dir, stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(model_dir: Path, stats: tuple) -> str:
+    h = hashlib.sha256()
+    for name, size, _ in stats:
+        h.update(f"{name}\0{size}\0".encode())
+        with open(model_dir / name, "rb") as f:
+            if not name.endswith(".safetensors"):
+                h.update(f.read())
+                continue
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(head + f.read(min(n, size)))
+            for i in range(_SAMPLES):
+                f.seek(i * max(size - _SAMPLE_BYTES, 0) // max(_SAMPLES - 1, 1))
+                h.update(f.read(_SAMPLE_BYTES))
     return h.hexdigest()[:32]
 
 

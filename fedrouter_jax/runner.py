@@ -78,8 +78,9 @@ def load_model_tokenizer(model_dir: Path):
 def _embed_clients(cfg, model_dir, tok, model_cfg, base, per_client_examples):
     """Base-model embeddings of each client's raw task inputs, cached on disk."""
     from fedrouter_jax.data import input_texts
+    from fedrouter_jax.embeddings import model_fingerprint
 
-    fp_model = file_fingerprint(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"])
+    fp_model = model_fingerprint(model_dir)  # metadata + a bounded sample, memoised: once per start
     fp_tok = file_fingerprint([p for p in (model_dir / "tokenizer.json",) if p.exists()])
     out = []
     for examples in per_client_examples:
