@@ -1,77 +1,81 @@
-"""Crash-safe round checkpoints: a thin wrapper over Orbax's CheckpointManager.
+"""Crash-safe, checksummed round checkpoints: a thin wrapper over Orbax's CheckpointManager.
 
 One step per round holds two items: ``state`` (any pytree of jax / numpy arrays, typed or raw
-uint32 PRNG keys, Python / numpy scalars; saved with ``args.StandardSave``) and ``extra`` (a
-JSON-able dict: metrics history, schedule position, resolved config; ``args.JsonSave``).
-Orbax refuses zero-size arrays ("Cannot save arrays with zero size: ... name=<leaf>").
+uint32 PRNG keys, Python / numpy scalars, ``flax.struct`` dataclasses; saved with
+``args.StandardSave``) and ``extra`` (a JSON-able dict: metrics history, schedule position,
+resolved config; ``args.JsonSave``). Orbax refuses zero-size arrays.
 
-What Orbax 0.12.8 writes on a local filesystem (``AtomicRenameTemporaryPath``; observed in
-tests/test_checkpoint.py by SIGKILLing a child at each stage)::
+Layout of one step (Orbax writes ``<dir>/2.orbax-checkpoint-tmp*/`` and renames it to
+``<dir>/2/`` when done; we add our manifest last)::
 
-    <dir>/2.orbax-checkpoint-tmp/      the step while it is written; inside it each item is also
-      _CHECKPOINT_METADATA             written to <item>.orbax-checkpoint-tmp/ and renamed to
-      state.orbax-checkpoint-tmp/      <item>/ (with its own commit_success.txt) when done; then
-      extra.orbax-checkpoint-tmp/      the step gets a commit timestamp and commit_success.txt,
-                                       and ONE rename makes it ...
     <dir>/2/
-      _CHECKPOINT_METADATA             JSON: item handlers, init / commit timestamps
-      commit_success.txt               step-level commit marker (written just before the rename)
-      state/                           OCDBT / zarr3: manifest.ocdbt, _METADATA, _sharding,
-                                       ocdbt.process_0/{manifest.ocdbt,d/*}, d/*,
-                                       array_metadatas/, commit_success.txt
-      extra/                           metadata (the JSON), commit_success.txt
-      fedrouter_complete.json          OURS: written last, after every file above was fsync'ed;
-                                       lists each file's size
-    <dir>/.trash/                      steps being deleted (atomic rename, then rmtree)
+      _CHECKPOINT_METADATA, commit_success.txt, state/..., extra/...   Orbax's files
+      fedrouter_complete.json     OURS, written last after every file above was fsync'ed:
+                                  sha256 + size of every file of the step, sha256 of every
+                                  state leaf (by its key path) and of the canonical extra JSON
+    <dir>/quarantine/<step>-<n>/  a step of ours that failed verification and stood in the way
+                                  of a new save of that round (moved, never deleted)
+    <dir>/.trash/                 steps being pruned (atomic rename, then rmtree)
 
-Orbax's Python layer does not fsync (JSON and metadata files are plain ``write_text``; only
-TensorStore's array files may be synced), and the manager's in-process ``latest_step()`` may
-name a step whose (async) save has not finished. So completeness is decided here, from the disk only: a step
-counts iff its directory name is a plain integer (no tmp suffix), it holds Orbax's
-``commit_success.txt`` at the step level and in both item directories, its
-``_CHECKPOINT_METADATA`` has a commit timestamp, and our ``fedrouter_complete.json`` is present
-and every file it lists exists with the recorded size. ``save`` returns only after all of that
-is on disk and fsync'ed (files, directories, the parent), so a SIGKILL or crash at any point
-leaves either the complete step or something that is ignored. Opening a writable store removes
-leftovers (``*.orbax-checkpoint-tmp*`` directories, unmarked step directories, ``.trash``).
-Old steps are pruned only *after* the new step is complete, so ``keep`` complete steps survive.
+What counts as a usable step is decided from the disk only: Orbax's own API says the step is
+finalized (``ocp.path.step.is_path_finalized``; no reading of Orbax's marker files here), our
+manifest exists, and every file's content matches its sha256. ``restore`` also recomputes the
+sha256 of every restored leaf and of the extra dict. ``latest_step()`` and ``restore()`` skip a
+step that fails with a :class:`CheckpointWarning` naming it and the step used instead; when no
+step is usable they raise :class:`CheckpointError` saying so (nothing is deleted: the user
+decides).
 
-One writer per directory: a writable store sweeps leftovers when it opens and before each
-save; readers (e.g. an evaluation process) should pass ``read_only=True``.
+Nothing is deleted or moved when a store opens. Only ``save(step)`` moves what stands in the
+way of that step: a step dir of ours (manifest present) that fails verification, or one Orbax
+finalized whose manifest never got written (a crash between the two), goes to ``quarantine/``;
+Orbax temporaries of that step (never finalized, so never a checkpoint) are removed. Old steps
+are pruned only *after* the new step verified, so ``keep`` verified steps survive.
+
+One writer per directory (the run directory's lock, ``rundir.RunLock``, guarantees it for the
+CLI); readers (e.g. an evaluation process) should pass ``read_only=True``.
 
     store = CheckpointStore("runs/x/checkpoints", keep=3)
     store.save(round_idx, state, {"metrics": history, "config": config_to_dict(cfg)})
-    step = store.latest_step()                       # None when nothing complete exists
-    state, extra = store.restore(step, like=state)   # bit-exact
+    step = store.latest_step()                       # latest verified step, None when none
+    state, extra = store.restore(step, like=state)   # bit-exact, checksums verified
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointStore", "CheckpointError", "TMP_SUFFIX", "MARKER_FILE"]
+__all__ = ["CheckpointStore", "CheckpointError", "CheckpointWarning", "TMP_SUFFIX", "MARKER_FILE",
+           "QUARANTINE_DIR"]
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 MARKER_FILE = "fedrouter_complete.json"
-ORBAX_COMMIT_FILE = "commit_success.txt"  # orbax atomicity_types.COMMIT_SUCCESS_FILE
-ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
+MARKER_FORMAT = 2  # 1: sizes only (no checksums; never trusted)
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax atomicity_types.TMP_DIR_SUFFIX
 TRASH_DIR = ".trash"
+QUARANTINE_DIR = "quarantine"
 _STEP_RE = re.compile(r"^[0-9]+$")
+_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A requested checkpoint is missing or incomplete."""
+    """A requested checkpoint is missing, incomplete or fails verification, or none is usable."""
+
+
+class CheckpointWarning(UserWarning):
+    """A step was skipped (names it, why, and the step used instead) or quarantined."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,17 +92,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """fsyncs every file and directory under root (children first); returns {relpath: size}."""
-    sizes: dict[str, int] = {}
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_and_hash_tree(root: Path) -> dict[str, dict]:
+    """fsyncs every file and directory under root (children first); {relpath: {size, sha256}}."""
+    files: dict[str, dict] = {}
     for dirpath, _, filenames in os.walk(root, topdown=False):
         d = Path(dirpath)
         for name in filenames:
             p = d / name
             _fsync_path(p)
-            sizes[p.relative_to(root).as_posix()] = p.stat().st_size
+            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": _file_sha256(p)}
         _fsync_path(d)
-    return sizes
+    return files
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:
@@ -121,34 +133,77 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"extra: value of type {type(x).__name__} is not JSON-serializable")
 
 
-def _step_problem(step_dir: Path) -> str | None:
-    """None when step_dir is a complete checkpoint; else why it is not (checked on disk)."""
-    if not _STEP_RE.match(step_dir.name):
-        return f"{step_dir.name!r} is not a finalized step name"
-    if not step_dir.is_dir():
-        return "no such step directory"
-    for sub in ("", STATE_ITEM, EXTRA_ITEM):
-        if not (step_dir / sub / ORBAX_COMMIT_FILE).is_file():
-            return f"Orbax commit marker {sub + '/' if sub else ''}{ORBAX_COMMIT_FILE} is missing"
-    try:
-        meta = json.loads((step_dir / ORBAX_STEP_METADATA).read_text())
-    except (OSError, ValueError):
-        return f"{ORBAX_STEP_METADATA} is missing or unreadable"
-    if not meta.get("commit_timestamp_nsecs"):
-        return f"{ORBAX_STEP_METADATA} has no commit timestamp"
+def _extra_sha256(extra: dict) -> str:
+    text = json.dumps(extra, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key_name(entry: Any) -> str:
+    """One key path entry as a plain name: dict keys, dataclass fields and indices alike, so a
+    state saved as a struct dataclass and restored as nested dicts gets the same names."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _leaf_digests(tree: Any) -> dict[str, str]:
+    """{"a/b/0": sha256 of (dtype, shape, bytes)} for every leaf; typed PRNG keys by key data."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        out["/".join(_key_name(e) for e in path)] = h.hexdigest()
+    return out
+
+
+def _is_finalized(step_dir: Path) -> bool:
+    """Orbax's own answer to "did this step's save finish" (no reading of its marker files)."""
+    return bool(ocp.path.step.is_path_finalized(step_dir))
+
+
+def _read_marker(step_dir: Path) -> dict | None:
     try:
         marker = json.loads((step_dir / MARKER_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _structure_problem(step_dir: Path) -> str | None:
+    """Cheap checks (no file contents read): finalized by Orbax, our manifest, file sizes."""
+    if not step_dir.is_dir():
+        return "no such step directory"
+    if not _is_finalized(step_dir):
+        return "Orbax did not finalize it (save interrupted)"
+    marker = _read_marker(step_dir)
+    if marker is None:
         return f"{MARKER_FILE} is missing or unreadable (save did not finish)"
     if marker.get("step") != int(step_dir.name):
         return f"{MARKER_FILE} names step {marker.get('step')}"
-    for rel, size in marker.get("files", {}).items():
+    if marker.get("format") != MARKER_FORMAT:
+        return f"{MARKER_FILE} has format {marker.get('format')} (no checksums), expected {MARKER_FORMAT}"
+    for rel, info in marker.get("files", {}).items():
         try:
             actual = (step_dir / rel).stat().st_size
         except OSError:
             return f"file {rel} listed in {MARKER_FILE} is missing"
-        if actual != size:
-            return f"file {rel} has {actual} bytes, {MARKER_FILE} recorded {size}"
+        if actual != info.get("size"):
+            return f"file {rel} has {actual} bytes, {MARKER_FILE} recorded {info.get('size')}"
+    return None
+
+
+def _content_problem(step_dir: Path) -> str | None:
+    """Structure checks plus the sha256 of every file of the step."""
+    problem = _structure_problem(step_dir)
+    if problem is not None:
+        return problem
+    for rel, info in _read_marker(step_dir)["files"].items():
+        if _file_sha256(step_dir / rel) != info.get("sha256"):
+            return f"file {rel} does not match its sha256 (content changed after the save)"
     return None
 
 
@@ -176,7 +231,7 @@ def _match_kind(restored: Any, like: Any) -> Any:
 
 
 class CheckpointStore:
-    """Keeps the last `keep` complete steps of (state pytree, extra JSON dict) in `directory`."""
+    """Keeps the last `keep` verified steps of (state pytree, extra JSON dict) in `directory`."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
         if keep < 1:
@@ -184,16 +239,17 @@ class CheckpointStore:
         self.directory = Path(directory).expanduser().absolute()
         self.keep = keep
         self.read_only = read_only
+        self.skipped: list[tuple[int, str]] = []  # (step, why) skipped by the last lookup
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._sweep()
+            self._empty_trash()  # only steps we pruned ourselves are ever renamed into .trash
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,  # pruning is ours: only after the new step is durably complete
+            max_to_keep=None,  # pruning is ours: only after the new step verified
             enable_async_checkpointing=False,
             create=not read_only,
             read_only=read_only,
-            cleanup_tmp_directories=False,  # done synchronously by _sweep
-            todelete_subdir=None if read_only else TRASH_DIR,  # delete = atomic rename first
+            cleanup_tmp_directories=False,  # nothing is removed on open
+            todelete_subdir=None if read_only else TRASH_DIR,
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -208,22 +264,56 @@ class CheckpointStore:
         self.close()
 
     # -- queries (from disk) ---------------------------------------------------------------
-    def all_steps(self) -> list[int]:
-        """Complete steps on disk, ascending. Torn, partial or in-progress steps are excluded."""
+    def _step_dirs(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
-        return sorted(
-            int(p.name) for p in self.directory.iterdir()
-            if _STEP_RE.match(p.name) and _step_problem(p) is None
-        )
+        return sorted((p for p in self.directory.iterdir() if _STEP_RE.match(p.name) and p.is_dir()),
+                      key=lambda p: int(p.name))
+
+    def all_steps(self) -> list[int]:
+        """Complete steps (finalized, manifest present, file sizes match), ascending; contents
+        are verified by `latest_step`, `verify` and `restore`."""
+        return [int(p.name) for p in self._step_dirs() if _structure_problem(p) is None]
+
+    def verify(self, step: int) -> str | None:
+        """None when every file of `step` matches its recorded sha256; else what is wrong."""
+        return _content_problem(self.directory / str(int(step)))
+
+    def verified_steps(self) -> tuple[int | None, list[tuple[int, str]]]:
+        """(latest step whose files verify or None, [(newer step skipped, why), ...])."""
+        skipped = []
+        for p in reversed(self._step_dirs()):
+            problem = _content_problem(p)
+            if problem is None:
+                return int(p.name), skipped
+            skipped.append((int(p.name), problem))
+        return None, skipped
 
     def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        """The latest verified step (None when there is none); warns for each newer one skipped."""
+        step, skipped = self.verified_steps()
+        self._note_skipped(skipped, step)
+        return step
+
+    def _note_skipped(self, skipped: list[tuple[int, str]], used: int | None) -> None:
+        self.skipped = skipped
+        for bad, why in skipped:
+            instead = f"using step {used}" if used is not None else "no earlier usable step"
+            warnings.warn(f"{self.directory}/{bad}: checkpoint step {bad} skipped: {why}; {instead}",
+                          CheckpointWarning, stacklevel=3)
+
+    def _no_usable(self, skipped: list[tuple[int, str]]) -> CheckpointError:
+        if not skipped:
+            return CheckpointError(f"{self.directory}: no complete checkpoint to restore")
+        detail = "; ".join(f"step {s}: {why}" for s, why in skipped)
+        return CheckpointError(
+            f"{self.directory}: no usable checkpoint: every step fails verification ({detail}); "
+            "nothing was deleted. Move them away or start over (run --fresh)"
+        )
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, state: Any, extra: dict | None = None) -> None:
-        """Saves `state` and `extra` as `step`; returns once the step is durably complete.
+        """Saves `state` and `extra` as `step`; returns once the step is durable and verified.
 
         `extra` must be JSON-able (numpy / jax scalars and arrays are converted to Python
         numbers / lists; tuples come back as lists).
@@ -236,11 +326,8 @@ class CheckpointStore:
         extra = json.loads(json.dumps({} if extra is None else extra, default=_json_default))
         if not isinstance(extra, dict):
             raise ValueError(f"extra: expected a dict, got {type(extra).__name__}")
-        self._sweep()
-        if step in self.all_steps():
-            raise CheckpointError(
-                f"{self.directory}: step {step} already exists; delete(step) it first"
-            )
+        self._clear_way(step)
+        digests = _leaf_digests(state)
         self._mngr.reload()
         saved = self._mngr.save(
             step,
@@ -252,14 +339,47 @@ class CheckpointStore:
         self._mngr.wait_until_finished()
         if not saved:
             raise CheckpointError(f"{self.directory}: Orbax declined to save step {step}")
-        self._mark_complete(self.directory / str(step))
+        self._mark_complete(self.directory / str(step), digests, _extra_sha256(extra))
         self._prune()
 
-    def _mark_complete(self, step_dir: Path) -> None:
-        sizes = _fsync_tree(step_dir)
+    def _clear_way(self, step: int) -> None:
+        """Makes room for `step`: a verified one is an error; a broken one of ours is quarantined;
+        Orbax temporaries of `step` (never finalized, so never a checkpoint) are removed."""
+        step_dir = self.directory / str(step)
+        if step_dir.exists():
+            problem = _content_problem(step_dir)
+            if problem is None:
+                raise CheckpointError(f"{self.directory}: step {step} already exists; delete(step) it first")
+            ours = _read_marker(step_dir) is not None or _is_finalized(step_dir)
+            if not ours:
+                raise CheckpointError(f"{step_dir}: in the way of saving step {step} and not a checkpoint "
+                                      f"of this tool ({problem}); move it away")
+            self._quarantine(step_dir, problem)
+        for p in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
+            if p.is_dir() and ocp.path.step.is_path_temporary(p):
+                shutil.rmtree(p)
+
+    def _quarantine(self, step_dir: Path, why: str) -> None:
+        qdir = self.directory / QUARANTINE_DIR
+        qdir.mkdir(exist_ok=True)
+        n = 0
+        while (qdir / f"{step_dir.name}-{n}").exists():
+            n += 1
+        dst = qdir / f"{step_dir.name}-{n}"
+        os.rename(step_dir, dst)
+        _fsync_path(self.directory)
+        warnings.warn(f"{step_dir}: checkpoint step {step_dir.name} failed verification ({why}); moved to {dst} "
+                      "to save that round again", CheckpointWarning, stacklevel=3)
+
+    def _mark_complete(self, step_dir: Path, digests: dict[str, str], extra_sha: str) -> None:
+        files = _fsync_and_hash_tree(step_dir)
+        files.pop(MARKER_FILE, None)
         _fsync_path(self.directory)  # the tmp -> final rename
-        _write_json_durably(step_dir / MARKER_FILE, {"step": int(step_dir.name), "files": sizes})
-        problem = _step_problem(step_dir)
+        _write_json_durably(step_dir / MARKER_FILE, {
+            "format": MARKER_FORMAT, "step": int(step_dir.name), "files": files,
+            "state_sha256": digests, "extra_sha256": extra_sha, "orbax_version": ocp.__version__,
+        })
+        problem = _content_problem(step_dir)
         if problem is not None:
             raise CheckpointError(f"{step_dir}: incomplete right after saving: {problem}")
 
@@ -277,7 +397,6 @@ class CheckpointStore:
         self._empty_trash()
         self._mngr.reload()
 
-    # -- cleanup ---------------------------------------------------------------------------
     def _trash(self, path: Path) -> None:
         if not path.exists():
             return
@@ -292,45 +411,62 @@ class CheckpointStore:
     def _empty_trash(self) -> None:
         shutil.rmtree(self.directory / TRASH_DIR, ignore_errors=True)
 
-    def _sweep(self) -> None:
-        """Removes what a crashed save or delete left behind: tmp dirs, unmarked steps, trash."""
-        for p in list(self.directory.iterdir()):
-            if TMP_SUFFIX in p.name:
-                self._trash(p)
-            elif _STEP_RE.match(p.name) and _step_problem(p) is not None:
-                self._trash(p)
-        self._empty_trash()
-
     # -- restore ---------------------------------------------------------------------------
     def restore(self, step: int | None = None, like: Any = None) -> tuple[Any, dict]:
-        """Returns (state, extra) of `step` (default: the latest complete one), bit-exact.
+        """Returns (state, extra) of `step`, bit-exact, after verifying every checksum.
 
+        `step=None`: the latest step that verifies; each newer one that fails (files or restored
+        contents) is skipped with a CheckpointWarning; none usable -> CheckpointError. An
+        explicit `step` that fails raises CheckpointError. `self.restored_step` names the step.
         `like` is a pytree (concrete arrays or jax.ShapeDtypeStruct) giving the structure,
         dtypes and shardings to restore into; without it the saved metadata decides.
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointError(f"{self.directory}: no complete checkpoint to restore")
-        step_dir = self.directory / str(int(step))
-        problem = _step_problem(step_dir)
+        if step is not None:
+            out = self._restore_verified(int(step), like)
+            if isinstance(out, str):
+                raise CheckpointError(f"{self.directory / str(int(step))}: step {step} is not a usable "
+                                      f"checkpoint ({out}); complete steps: {self.all_steps()}")
+            self.restored_step = int(step)
+            return out
+        skipped = []
+        for p in reversed(self._step_dirs()):
+            out = self._restore_verified(int(p.name), like)
+            if isinstance(out, str):
+                skipped.append((int(p.name), out))
+                continue
+            self._note_skipped(skipped, int(p.name))
+            self.restored_step = int(p.name)
+            return out
+        self._note_skipped(skipped, None)
+        raise self._no_usable(skipped)
+
+    def _restore_verified(self, step: int, like: Any) -> tuple[Any, dict] | str:
+        """(state, extra) when the files and the restored contents verify; else the problem."""
+        step_dir = self.directory / str(step)
+        problem = _content_problem(step_dir)
         if problem is not None:
-            raise CheckpointError(
-                f"{step_dir}: step {step} is not a complete checkpoint ({problem}); "
-                f"complete steps: {self.all_steps()}"
-            )
+            return problem
+        marker = _read_marker(step_dir)
         if like is None:
             state_args = ocp.args.StandardRestore()
         else:
             state_args = ocp.args.StandardRestore(jax.tree.map(_abstract, like))
         self._mngr.reload()
-        out = self._mngr.restore(
-            int(step),
-            args=ocp.args.Composite(
-                **{STATE_ITEM: state_args, EXTRA_ITEM: ocp.args.JsonRestore()}
-            ),
-        )
-        state = out[STATE_ITEM]
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(
+                **{STATE_ITEM: state_args, EXTRA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001 - any decode failure makes the step unusable
+            return f"Orbax could not read it: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        state, extra = out[STATE_ITEM], out[EXTRA_ITEM]
+        want = marker.get("state_sha256", {})
+        got = _leaf_digests(state)
+        bad = sorted(k for k in got if want.get(k) != got[k])
+        if bad:
+            return f"state leaf {bad[0]!r} does not match its sha256" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+        if like is None and set(got) != set(want):
+            return f"state leaves {sorted(set(want) - set(got))[:3]} are missing"
+        if _extra_sha256(extra) != marker.get("extra_sha256"):
+            return "extra (history / metadata) does not match its sha256"
         if like is not None:
             state = jax.tree.map(_match_kind, state, like)
-        return state, out[EXTRA_ITEM]
+        return state, extra

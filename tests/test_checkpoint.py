@@ -19,6 +19,7 @@ from fedrouter_jax.checkpoint import (
     TMP_SUFFIX,
     CheckpointError,
     CheckpointStore,
+    CheckpointWarning,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,29 +129,31 @@ def test_keep_last_n(tmp_path):
     got, extra = store.restore(3)
     assert_bit_exact(got, make_state(3))
     assert extra == make_extra(3)
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="step 1 is not a usable checkpoint"):
         store.restore(1)
     store.delete(4)
     assert store.latest_step() == 3
 
 
-def test_incomplete_steps_are_ignored_and_swept(tmp_path):
+def test_incomplete_steps_are_ignored_and_never_removed_on_open(tmp_path):
     store = CheckpointStore(tmp_path, keep=5)
     store.save(1, make_state(1), make_extra(1))
     store.save(2, make_state(2), make_extra(2))
     (tmp_path / "2" / MARKER_FILE).unlink()  # a save that died before it was marked durable
     (tmp_path / ("3" + TMP_SUFFIX)).mkdir()  # a save that died mid-write
-    reader = CheckpointStore(tmp_path, read_only=True)  # readers never delete anything
+    reader = CheckpointStore(tmp_path, read_only=True)
     assert reader.all_steps() == [1] and (tmp_path / "2").exists()
-    # a truncated file is caught by the marker's size list
+    # a truncated file is caught by the manifest's size list
     big = tmp_path / "1" / "extra" / "metadata"
     data = big.read_bytes()
     big.write_bytes(data[:-1])
-    assert reader.latest_step() is None
+    assert reader.all_steps() == []
+    with pytest.warns(CheckpointWarning, match="step 1 skipped"):
+        assert reader.latest_step() is None
     big.write_bytes(data)
     assert reader.latest_step() == 1
-    CheckpointStore(tmp_path, keep=5)  # a writer sweeps leftovers on open
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+    CheckpointStore(tmp_path, keep=5)  # opening a writer removes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3" + TMP_SUFFIX]
 
 
 # --- SIGKILL in the middle of a save (child process) ------------------------------------------
@@ -248,11 +251,15 @@ def test_sigkill_mid_save_keeps_last_complete_step(tmp_path, mode):
     assert_bit_exact(state, make_state(1))
     assert extra == make_extra(1)
 
-    # A brand-new writer cleans the debris and can save step 2 again.
+    # A brand-new writer touches nothing on open; saving step 2 again clears the debris of
+    # step 2 only (an Orbax temporary is removed, a finalized step without our manifest is
+    # moved to quarantine/, never deleted).
     store = CheckpointStore(directory, keep=3)
-    assert sorted(p.name for p in directory.iterdir()) == ["1"]
+    assert sorted(p.name for p in directory.iterdir()) == leftovers
     store.save(2, make_state(2), make_extra(2))
     assert store.all_steps() == [1, 2]
+    expected = ["1", "2"] + (["quarantine"] if mode == "before_marker" else [])
+    assert sorted(p.name for p in directory.iterdir()) == expected
     state, extra = store.restore()
     assert_bit_exact(state, make_state(2))
     assert extra == make_extra(2)
