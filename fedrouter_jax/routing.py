@@ -9,6 +9,7 @@ Batches are padded to `batch_size` rows so each path compiles once.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional, Sequence
 
@@ -16,10 +17,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrouter_jax.algorithms.base import EvalPlan
 from fedrouter_jax.lora import LoraStack, take
 from fedrouter_jax.models.config import LlamaConfig
 from fedrouter_jax.models.generate import greedy_generate
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """Which adapter serves each test sample, per client.
+
+    adapters: [A, ...] stack (None = base model); adapter_ids: per client [N_c] ints in [-1, A)
+    (-1 = base). Optional per-sample blend (FedDPA): per client mix_ids [N_c], mix_weight [N_c],
+    self_weight [N_c], the sample's update being
+    self_weight * adapters[adapter_ids] + mix_weight * adapters[mix_ids].
+    local_cluster: per client [N_c] local cluster of each sample (FedRouter; metrics only).
+    """
+
+    adapters: Optional[LoraStack]
+    adapter_ids: list
+    mix_ids: Optional[list] = None
+    mix_weight: Optional[list] = None
+    self_weight: Optional[list] = None
+    local_cluster: Optional[list] = None
 
 
 @jax.jit
@@ -89,16 +108,17 @@ def generate_routed(
         if progress is not None:
             progress(len(rows))
 
-    if plan.mix is not None or batching == "mixed":
-        if plan.mix is not None:
-            other = np.concatenate([np.asarray(m[0], np.int32) for m in plan.mix])
-            weight = np.concatenate([np.asarray(m[1], np.float32) for m in plan.mix])
-            self_w = np.concatenate([np.asarray(m[2] if len(m) > 2 else np.ones(len(m[1])), np.float32)
-                                     for m in plan.mix])
+    blend = plan.mix_ids is not None
+    if blend or batching == "mixed":
+        if blend:
+            other = np.concatenate([np.asarray(m, np.int32) for m in plan.mix_ids])
+            weight = np.concatenate([np.asarray(w, np.float32) for w in plan.mix_weight])
+            self_w = (np.ones_like(weight) if plan.self_weight is None else
+                      np.concatenate([np.asarray(w, np.float32) for w in plan.self_weight]))
         for rows in _batches(n, batch_size):
             if plan.adapters is None:
                 run(rows, None, None)
-            elif plan.mix is not None:
+            elif blend:
                 r = _pad_rows(rows, batch_size)
                 lora = blend_per_sample(plan.adapters, jnp.asarray(ids[r]), jnp.asarray(other[r]),
                                         jnp.asarray(weight[r]), jnp.asarray(self_w[r]))

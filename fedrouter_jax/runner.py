@@ -1,9 +1,10 @@
-"""The Python round loop: data, embeddings, one compiled round step per round, metrics, checkpoints.
+"""The Python round loop around the simulator: data, embeddings, metrics, checkpoints, progress.
 
-Only this module (and the CLI) knows about files, progress bars and checkpoints. Each round:
-  plan (server, host) -> batches (host, stateless in (seed, round)) -> ONE jitted client-mapped
-  local-training call -> NaN/Inf check -> aggregate (server, jitted) -> metrics.jsonl -> checkpoint.
-A crash at any point leaves the last complete checkpoint; `resume` continues bit-exactly.
+Only this module (and the CLI) knows about files, progress bars and checkpoints. Each round is
+`Simulator.round_step(state, round) -> (state, metrics)` (plan, ONE jitted client-mapped
+training call, replies checked, aggregation), then metrics.jsonl and a checkpoint of the whole
+`SimState` pytree. A crash at any point leaves the last complete checkpoint; `resume`
+continues bit-exactly.
 """
 from __future__ import annotations
 
@@ -13,28 +14,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrouter_jax.algorithms.base import Context, EvalPlan, get_algorithm
+from fedrouter_jax.algorithms.base import ClientInputs, Env, get_method
 from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.clustering import clustering_accuracy
 from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
 from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks,
                                 tokenize_examples, sample_round_batches)
-from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches, trim_padding
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
-from fedrouter_jax.routing import generate_routed
-from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
-from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, make_optimizer,
-                                    round_learning_rate, set_learning_rate)
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss, gradient or adapter after local training (nothing is aggregated or saved)."""
+from fedrouter_jax.routing import EvalPlan, generate_routed
+from fedrouter_jax.simulator import NonFiniteError, SimState, Simulator, client_inputs  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -49,7 +42,7 @@ class RunData:
     fed: object  # data.FederatedData (true task labels: metrics only)
     train_sets: list
     test_prompts: list
-    ctx: Context
+    inputs: ClientInputs  # every client's embeddings, stacked (what client_setup / client_route read)
 
 
 def model_directory(cfg: FedRouterConfig) -> Path:
@@ -119,9 +112,8 @@ def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
               f"{rcut} responses cut (raise model.max_seq_len to avoid)")
     train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train)
     test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test)
-    ctx = Context(config=cfg, model_cfg=model_cfg, n_clients=fed.n_clients,
-                  train_sizes=np.array([len(t) for t in fed.train]), train_emb=train_emb, test_emb=test_emb)
-    return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts, ctx)
+    return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts,
+                   client_inputs(train_emb, test_emb))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -163,8 +155,8 @@ def evaluate(data: RunData, plan: EvalPlan, *, progress: bool = True) -> dict:
         "per_task": {t: (float(np.mean(v)) if v else None) for t, v in per_task_scores.items()},
         "samples": samples,
     }
-    if "test_local_labels" in plan.log:
-        accs = [clustering_accuracy(fed.test_tasks[c], plan.log["test_local_labels"][c]) for c in range(fed.n_clients)]
+    if plan.local_cluster is not None:
+        accs = [clustering_accuracy(fed.test_tasks[c], plan.local_cluster[c]) for c in range(fed.n_clients)]
         result["clustering_accuracy"] = float(np.mean(accs))
         result["clustering_accuracy_per_client"] = [float(a) for a in accs]
     return result
@@ -175,27 +167,6 @@ def base_plan(data: RunData) -> EvalPlan:
 
 
 # ----------------------------------------------------------------------------- rounds
-
-
-def _check_round(round_idx: int, plan, metrics, trained) -> None:
-    """Raise on a round whose training went wrong: NaN/Inf losses, gradient norms or adapters
-    (NonFiniteError, naming the clients), or loss tokens left out of the LM-head budget."""
-    loss = np.asarray(metrics["loss"])
-    gnorm = np.asarray(metrics["grad_norm"])
-    bad_slots = np.flatnonzero(~(np.isfinite(loss).all(1) & np.isfinite(gnorm).all(1)))
-    leaf_ok = [np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(trained)]
-    bad_slots = np.union1d(bad_slots, np.flatnonzero(~np.logical_and.reduce(leaf_ok)))
-    overflow = np.asarray(metrics["head_overflow"])
-    if overflow.any():  # a sizing bug, never a data problem: head_tokens_for_batches covers every batch
-        raise RuntimeError(f"round {round_idx + 1}: {int(overflow.max())} loss tokens did not fit the LM-head "
-                           "budget (training.response_loss_on_loss_tokens); set train.lm_head_on: all_tokens")
-    if bad_slots.size:
-        clients = sorted({int(plan.slot_client[j]) for j in bad_slots})
-        raise NonFiniteError(
-            f"round {round_idx + 1}: non-finite loss/gradient/adapter for client(s) {clients} "
-            f"(slots {bad_slots.tolist()}); nothing was aggregated or checkpointed. "
-            "Lower train.lr or check the data of these clients."
-        )
 
 
 def _write_jsonl(path: Path, records: list) -> None:
@@ -213,49 +184,32 @@ class Run:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out_dir)
-        self.data = data or prepare(cfg, progress)
-        self.algo = get_algorithm(cfg.method)
-        self.optimizer = make_optimizer(cfg.train.weight_decay)
-        self.mesh = client_mesh(cfg.train.client_mesh_devices)
-        self.base = replicate(self.data.base, self.mesh)
-        self.key = jax.random.PRNGKey(cfg.seed)
-        # LM-head positions per batch that cover any batch of distinct training rows (one compile)
-        self.head_budget = (head_token_budget(self.data.train_sets, cfg.train.batch_size)
-                            if cfg.train.lm_head_on == "loss_tokens" else None)
+        self.data = data or prepare(cfg)
+        self.method = get_method(cfg.method)
+        self.env = Env(config=cfg, model_cfg=self.data.model_cfg, n_clients=self.data.fed.n_clients)
+        self.sim = Simulator(self.method, self.env, self.data.base, self.data.inputs, self.data.train_sets,
+                             mesh_devices=cfg.train.client_mesh_devices)
+        self.state: Optional[SimState] = None
 
-    # -- state -------------------------------------------------------------------------------
-    def _initial(self):
-        state = self.algo.init(self.data.ctx, jax.random.fold_in(self.key, 0))
-        return jax.tree.map(np.asarray, state), None, []
+    def initial_state(self) -> SimState:
+        """The state before round 1 (client_setup + server_setup); also the restore target."""
+        return self.sim.setup()
 
-    def _restore(self, store: CheckpointStore, step: int):
-        tree, extra = store.restore(step)
-        state = tree["state"]
-        opt_leaves = [tree["opt"][k] for k in sorted(tree["opt"], key=int)] if tree.get("opt") else None
-        return state, opt_leaves, extra["history"]
-
-    def _round_batches(self, plan, r: int) -> tuple[Batch, Optional[int]]:
-        """The round's batches `[J, S, B, T']` (T' <= max_seq_len: all-padding columns dropped if
-        `train.trim_padding`) and the LM-head positions per batch (None: every position)."""
-        t = self.cfg.train
-        b = sample_round_batches([self.data.train_sets[c] for c in plan.slot_client], plan.pools,
-                                 steps=t.local_steps, batch_size=t.batch_size, seed=self.cfg.seed, round_idx=r)
-        if t.trim_padding:
-            b = trim_padding(b)
-        head = head_tokens_for_batches(self.head_budget, b["loss_mask"]) if t.lm_head_on == "loss_tokens" else None
-        return Batch(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"])), head
+    def restore(self, store: CheckpointStore, step: int) -> tuple[SimState, list]:
+        """(state, history) of a checkpoint, restored into the structure of `initial_state`."""
+        tree, extra = store.restore(step, like=self.initial_state())
+        return tree, extra["history"]
 
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.yaml")
         store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         step = store.latest_step()
         if step is None:
-            state, opt_leaves, history = self._initial()
-            start = 0
+            state, history, start = self.initial_state(), [], 0
         else:
-            state, opt_leaves, history = self._restore(store, step)
+            state, history = self.restore(store, step)
             start = step
             print(f"[resume] from the complete checkpoint of round {step} in {self.out / 'checkpoints'}")
         _write_jsonl(self.out / "metrics.jsonl", history)
@@ -265,45 +219,19 @@ class Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=rounds, initial=start, desc=f"{cfg.method} rounds", unit="round")
-        opt_states = None
         for r in range(start, rounds):
             t0 = time.perf_counter()
-            plan = self.algo.plan(data.ctx, state, r)
-            j = len(plan.slot_client)
-            lr = round_learning_rate(r, rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
-            fresh = init_opt_states(self.optimizer, plan.start, lr)
-            if cfg.train.reset_optimizer_each_round or (opt_states is None and opt_leaves is None):
-                opt_states = fresh
-            else:  # carry each slot's moments across rounds
-                if opt_states is None:
-                    opt_states = jax.tree.unflatten(jax.tree.structure(fresh), [jnp.asarray(x) for x in opt_leaves])
-                opt_states = set_learning_rate(opt_states, lr)
-            batches, head = self._round_batches(plan, r)
-            keys = jax.random.split(jax.random.fold_in(self.key, r + 1), j)
-            args = shard_clients((plan.start, opt_states, batches, keys, plan.frozen), self.mesh)
-            chunk = client_chunk_size(cfg.train.client_chunk, j, cfg.train.batch_size * batches.tokens.shape[-1],
-                                      1 if self.mesh is None else self.mesh.devices.size)
-            trained, opt_states, metrics = clients_local_steps(self.base, *args, cfg=data.model_cfg,
-                                                               optimizer=self.optimizer, client_chunk=chunk,
-                                                               head_tokens=head, layer_loop=cfg.train.layer_loop)
-            _check_round(r, plan, metrics, trained)
-            state = self.algo.aggregate(data.ctx, state, plan, trained, r)
-            state = jax.tree.map(np.asarray, state)
-            loss = np.asarray(metrics["loss"])
-            rec = {"round": r + 1, "lr": lr, "train_loss": float(loss[:, -1].mean()),
-                   "train_loss_first_step": float(loss[:, 0].mean()),
-                   "loss_per_slot": loss[:, -1].round(5).tolist(), "time_s": round(time.perf_counter() - t0, 3),
-                   **({"plan": plan.log} if plan.log else {})}
+            state, metrics = self.sim.round_step(state, r)
+            rec = {"round": r + 1, **metrics, "time_s": round(time.perf_counter() - t0, 3)}
             if cfg.eval.every and (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
-                ev = evaluate(data, self.algo.route(data.ctx, state, cfg.eval.router), progress=self.progress)
+                ev = evaluate(self.data, self.sim.eval_plan(state, cfg.eval.router), progress=self.progress)
                 rec["eval"] = {k: ev[k] for k in ("rouge1", "per_client", "per_task") if k in ev}
             history.append(rec)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             last = r + 1 == rounds
             if cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
-                opt_tree = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_states))}
-                store.save(r + 1, {"state": state, "opt": opt_tree}, {"history": history, "config": config_to_dict(cfg)})
+                store.save(r + 1, state, {"history": history, "config": config_to_dict(cfg)})
             if bar:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
                 bar.update(1)
@@ -320,7 +248,7 @@ class Run:
         results = {"method": cfg.method, "scenario": cfg.data.scenario, "seed": cfg.seed}
         modes = [cfg.eval.router] + [m for m in cfg.eval.router_modes if m != cfg.eval.router]
         for mode in modes:
-            results[mode] = evaluate(data, self.algo.route(data.ctx, self.state, mode), progress=self.progress)
+            results[mode] = evaluate(data, self.sim.eval_plan(self.state, mode), progress=self.progress)
         results["router"] = cfg.eval.router
         results["rouge1"] = results[cfg.eval.router]["rouge1"]
         if cfg.eval.include_base:
@@ -349,23 +277,39 @@ def format_table(results: dict, task_names) -> str:
     return "\n".join(lines)
 
 
-def run_from_config(path_or_cfg, overrides=(), *, progress: bool = True, fresh: bool = False) -> dict:
-    """Load a config, run (resuming if a complete checkpoint exists), evaluate, print the table."""
-    cfg = path_or_cfg if isinstance(path_or_cfg, FedRouterConfig) else load_config(path_or_cfg, overrides)
-    out = Path(cfg.out_dir)
-    saved = out / "config.yaml"
-    if saved.exists() and not fresh:
-        if config_to_dict(load_config(saved)) != config_to_dict(cfg):
-            raise ValueError(
-                f"{out} holds a run with a different config ({saved}); pass --fresh to start over "
-                "there or choose another out_dir"
-            )
-    if fresh and out.exists():
-        import shutil
+def run_from_config(path_or_cfg, overrides=(), *, progress: bool = True, fresh: bool = False,
+                    resume: bool = False) -> dict:
+    """Load a config, run (resuming from the latest verified checkpoint), evaluate, print the table.
 
-        shutil.rmtree(out)
-    run = Run(cfg, progress=progress)
-    run.run()
-    results = run.final_evaluation()
+    The out_dir goes through `rundir.RunDir`: a directory holding anything a run does not write
+    is refused (`fresh` removes only a run's own entries), one process at a time (lock), an
+    existing run must have the same config (`resume`: the same values of the keys the saved
+    state depends on, checked against the config saved with the checkpoint), a directory whose
+    every checkpoint is damaged is an error, and an attempt that fails before its first
+    checkpoint leaves nothing behind.
+    """
+    from fedrouter_jax.checkpoint import CheckpointError
+    from fedrouter_jax.rundir import RunDir, check_resume_config
+
+    cfg = path_or_cfg if isinstance(path_or_cfg, FedRouterConfig) else load_config(path_or_cfg, overrides)
+    new = config_to_dict(cfg)
+    with RunDir(cfg.out_dir, fresh=fresh, must_exist=resume) as rd:
+        if not resume:
+            rd.check_same_config(new)
+        store = CheckpointStore(rd.out / "checkpoints", read_only=True)
+        step, skipped = store.verified_steps()
+        if step is None and any(store.is_damaged(s) for s, _ in skipped):
+            detail = "; ".join(f"step {s}: {why}" for s, why in skipped)
+            raise CheckpointError(f"{store.directory}: no usable checkpoint: every step fails verification "
+                                  f"({detail}); nothing was deleted. Move them away or start over (--fresh)")
+        if step is not None:
+            changed = check_resume_config(store.read_extra(step).get("config"), new,
+                                          where=str(rd.out / "config.yaml"), step=step)
+            if changed:
+                print(f"[resume] settings changed since round {step}: "
+                      + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        run = Run(cfg, progress=progress)
+        run.run()
+        results = run.final_evaluation()
     print(format_table(results, run.data.fed.task_names))
     return results

@@ -260,6 +260,21 @@ def client_chunk_size(setting, n_clients: int, tokens_per_client: int, n_devices
     return n_clients // n_groups
 
 
+def train_slots(base, start: LoraStack, frozen: Optional[LoraStack], opt_states, batches: Batch, keys, lr, *,
+                cfg, optimizer, remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None,
+                layer_loop: str = "auto"):
+    """Local training of J slots from `start` (leaves [J, ...]) at learning rate `lr`.
+
+    opt_states: [J, ...] moments carried from an earlier round, or None for fresh AdamW state.
+    batches leaves [J, S, B, T]; keys [J, 2]. -> (trained [J, ...], opt_states, metrics [J, S]).
+    The training itself is `clients_local_steps` (see there for chunking and the LM head).
+    """
+    opt_states = init_opt_states(optimizer, start, lr) if opt_states is None else set_learning_rate(opt_states, lr)
+    return clients_local_steps(base, start, opt_states, batches, keys, frozen, cfg=cfg, optimizer=optimizer,
+                               remat=remat, client_chunk=client_chunk, head_tokens=head_tokens,
+                               layer_loop=layer_loop)
+
+
 def init_opt_states(optimizer, loras: LoraStack, lr) -> optax.OptState:
     """Fresh optimizer state per client: leaves [C, ...], learning rate `lr`."""
     states = jax.vmap(optimizer.init)(loras)

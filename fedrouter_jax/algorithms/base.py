@@ -1,44 +1,51 @@
-"""The shape every federated method shares, so the runner, benchmarks and grid treat them alike.
+"""A federated method as a small record of pure functions, split by who runs them.
 
-A method is a small object of pure-ish functions over a state that is a plain nested dict of
-arrays (checkpointable as is):
+Client side (each function takes a *stack* of clients on the leading axis, so the simulator
+calls it once for all clients and a deployment calls it with a stack of one; rows never mix):
 
-  init(ctx, key)                      -> state                 (before round 1)
-  plan(ctx, state, round)             -> RoundPlan             (server: who trains what, from which weights)
-  -- the runner trains every slot of the plan in ONE jitted client-mapped call --
-  aggregate(ctx, state, plan, trained, round) -> state         (server: fold the trained slots back)
-  route(ctx, state, mode)             -> EvalPlan              (which adapter serves each test sample)
+  client_setup(env, inputs, key)              -> (client_state [C, ...], setup_msg [C, ...])
+  client_pools(env, client_state, msg, inputs) -> pools [P, S, N] bool: which samples train each slot
+  client_update(env, base, client_state, msg, batches, opt_state, keys, lr)
+                                              -> (client_state, Reply, opt_state)   (trains the slots)
+  client_route(env, client_state, route_msg, inputs, mode) -> Routing   (which adapter serves each test sample)
 
-A *slot* is one adapter trained by one client in a round (FedRouter: one per client;
-FedRouter*: one per client-cluster pair). The slot count is fixed by the config so the round
-step compiles once.
+Server side:
+
+  server_setup(env, setup_msgs [C, ...], key) -> server_state
+  server_plan(env, server_state, round, participants [P]) -> msg [P, ...]  (who trains what, from which weights)
+  server_aggregate(env, server_state, msg, reply [P, ...], arrived [P], round) -> server_state
+  server_route(env, server_state, mode)       -> RouteMessage
+
+A *slot* is one adapter a client trains in a round (FedRouter: 1; FedRouter*: one per local
+cluster; FedDPA: global + local). `slots(env)` is fixed by the config, and the number of
+participants P by `federation.clients_per_round`, so the round compiles once.
+
+`client_update` is the same for every method: the method says which adapters each slot
+starts from (`client_slots`), the shared trainer runs every slot of every participant in ONE
+client-mapped call, and the method turns the trained slots into the client's new state and its
+reply (`client_reply`). States and messages are frozen pytrees (`flax.struct.dataclass`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from fedrouter_jax.lora import LoraStack, init_lora
 from fedrouter_jax.models.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Context:
-    """What a method may read. Built once per run by the runner; never mutated.
-
-    train_sizes: [C]; train_emb / test_emb: per client [N_c, D] float32 base-model embeddings of
-    the raw task inputs. True task labels are NOT here: no method may read them.
-    """
+class Env:
+    """What every method function may read: the run's config and model shape. Static (hashable)."""
 
     config: Any  # FedRouterConfig
     model_cfg: LlamaConfig
     n_clients: int
-    train_sizes: np.ndarray
-    train_emb: Sequence[np.ndarray]
-    test_emb: Sequence[np.ndarray]
 
     @property
     def alpha(self) -> float:
@@ -53,69 +60,164 @@ class Context:
         return LoraStack(params=params, alpha=self.alpha)
 
 
-@dataclasses.dataclass
-class RoundPlan:
-    """Slots of one round. slot_client: [J]; pools: J index arrays into that client's train set;
-    start: adapters [J, ...] to train from; frozen: optional [J, ...] adapters added but not
-    trained; weights: [J] aggregation weights (samples); log: JSON-able description."""
+@struct.dataclass
+class ClientInputs:
+    """A stack of clients' own data summaries (host numpy). True task labels are NOT here.
 
-    slot_client: np.ndarray
-    pools: list
-    start: LoraStack
-    frozen: Optional[LoraStack] = None
-    weights: Optional[np.ndarray] = None
-    log: dict = dataclasses.field(default_factory=dict)
+    client_id [C] int32; train_emb [C, N, D] float32 (zero rows past a client's data) with
+    train_mask [C, N]; test_emb [C, M, D] with test_mask [C, M]: base-model embeddings of the
+    raw task inputs.
+    """
 
+    client_id: Any
+    train_emb: Any
+    train_mask: Any
+    test_emb: Any
+    test_mask: Any
 
-@dataclasses.dataclass
-class EvalPlan:
-    """adapters: [A, ...] stack (or None = base model); adapter_ids: per client [N_c] ints in
-    [-1, A) (-1 = base). `mix`: optional extension for methods that blend two adapters per
-    sample (FedDPA): per client `(other_ids [N_c], weight [N_c])` or
-    `(other_ids [N_c], weight [N_c], self_weight [N_c])`, the sample's update being
-    self_weight * adapters[ids] + weight * adapters[other_ids] (self_weight 1 if absent)."""
-
-    adapters: Optional[LoraStack]
-    adapter_ids: list
-    mix: Optional[list] = None
-    log: dict = dataclasses.field(default_factory=dict)
+    @property
+    def n_train(self) -> np.ndarray:
+        return np.asarray(self.train_mask).sum(axis=1)
 
 
-class Algorithm(Protocol):
+@struct.dataclass
+class Reply:
+    """What participants send back after training. adapters: the method's payload (leaves
+    [P, S, ...], or None); weight [P, S]: samples behind each slot (0 = slot not trained);
+    loss / grad_norm [P, S, steps]; finite [P]: every loss, gradient and trained adapter finite."""
+
+    adapters: Any
+    weight: Any
+    loss: Any
+    grad_norm: Any
+    finite: Any
+    head_overflow: Any
+
+
+@struct.dataclass
+class RouteMessage:
+    """Server -> clients for evaluation. adapters: the shared adapters [A, ...] (params dict or
+    None); per_client: the method's per-client routing info, leaves [C, ...] (or None)."""
+
+    adapters: Any
+    per_client: Any
+    shared: Any = None
+
+
+@struct.dataclass
+class Routing:
+    """How a stack of clients serves its test samples. own: adapters each client holds itself,
+    leaves [C, A_own, ...] (or None); ids [C, M]: index into [shared adapters | own adapters]
+    (-1 = base model); optional blend per sample: the update is
+    self_weight * adapter[ids] + mix_weight * adapter[mix_ids]; local_cluster [C, M]: the local
+    cluster each sample was routed to (FedRouter; metrics only) or None."""
+
+    own: Any
+    ids: Any
+    mix_ids: Any = None
+    mix_weight: Any = None
+    self_weight: Any = None
+    local_cluster: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A federated method: pure functions over frozen pytree state (see the module docstring).
+
+    batch_stream(env, client, slot) -> int names the deterministic batch stream of a slot
+    (`data.sample_round_batches` draws from `(seed, round, stream)`): a function of the client's
+    own id and slot only, so a client samples its batches alone exactly as in the simulator.
+    """
+
     name: str
+    slots: Callable[[Env], int]
+    client_setup: Callable
+    client_pools: Callable
+    client_slots: Callable  # (env, client_state, msg) -> (start [P, S, ...] params, frozen or None)
+    client_reply: Callable  # (env, client_state, msg, trained [P, S, ...], reply) -> (client_state, reply)
+    client_route: Callable
+    server_setup: Callable
+    server_plan: Callable
+    server_aggregate: Callable
+    server_route: Callable
+    batch_stream: Callable = None  # (env, client, slot) -> int; None: client * slots + slot
+    jit_aggregate: bool = True  # False: server_aggregate runs on the host (e.g. scipy clustering)
+    log_plan: Callable = None  # msg -> JSON-able dict for metrics.jsonl (optional)
+    description: str = ""
 
-    def n_slots(self, ctx: Context) -> int: ...
+    def stream(self, env: Env, client, slot):
+        if self.batch_stream is not None:
+            return self.batch_stream(env, client, slot)
+        return client * self.slots(env) + slot
 
-    def init(self, ctx: Context, key: jax.Array) -> dict: ...
+    def client_update(self, env: Env, base: dict, client_state, msg, batches, pool_size, opt_state, keys, lr,
+                      *, train_fn: Callable):
+        """Trains every slot of every participant in ONE call and forms the replies.
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan: ...
+        batches: `training.Batch` with leaves [P, S, steps, B, T]; pool_size [P, S]: samples in
+        each slot's pool (0 = slot unused); opt_state [P, S, ...] or None (fresh AdamW from the
+        start adapters); keys [P, 2]; lr: scalar. `train_fn(base, start, frozen, opt_state,
+        batches, keys, lr)` is the client-mapped trainer (`training.train_slots`) over one slot
+        axis [P*S, ...]. -> (client_state, Reply, opt_state [P, S, ...]).
+        """
+        start, frozen = self.client_slots(env, client_state, msg)
+        p, s = jax.tree.leaves(start)[0].shape[:2]
+        flat = lambda t: None if t is None else jax.tree.map(lambda x: x.reshape((p * s,) + x.shape[2:]), t)  # noqa: E731
+        unflat = lambda t: jax.tree.map(lambda x: x.reshape((p, s) + x.shape[1:]), t)  # noqa: E731
+        slot_keys = jax.vmap(lambda k: jax.random.split(k, s))(keys).reshape(p * s, -1)
+        trained, opt_state, metrics = train_fn(base, env.stack(flat(start)), None if frozen is None else
+                                               env.stack(flat(frozen)), flat(opt_state), flat(batches), slot_keys, lr)
+        trained, opt_state, metrics = unflat(trained.params), unflat(opt_state), unflat(metrics)
+        finite = _all_finite_rows(metrics["loss"], metrics["grad_norm"], trained)
+        reply = Reply(adapters=trained, weight=jnp.asarray(pool_size, jnp.float32), loss=metrics["loss"], grad_norm=metrics["grad_norm"],
+                      finite=finite, head_overflow=metrics["head_overflow"])
+        client_state, reply = self.client_reply(env, client_state, msg, trained, reply)
+        return client_state, reply, opt_state
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict: ...
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan: ...
-
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+def _all_finite_rows(*trees) -> jax.Array:
+    """[P] True where every leaf row (leading axis P) of every tree is free of NaN/Inf."""
+    oks = [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for t in trees for x in jax.tree.leaves(t)]
+    return jnp.logical_and.reduce(jnp.stack(oks), axis=0)
 
 
-def get_algorithm(name: str) -> Algorithm:
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
     from fedrouter_jax import algorithms  # noqa: F401  (imports populate the registry)
 
     if name not in _REGISTRY:
         raise ValueError(f"method: unknown method {name!r}; valid methods are {sorted(_REGISTRY)}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name]
 
 
 def available() -> list[str]:
     from fedrouter_jax import algorithms  # noqa: F401
 
     return sorted(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def pool_all(inputs_mask, n_slots: int = 1) -> np.ndarray:
+    """Every slot trains on all of the client's samples: train_mask [P, N] -> [P, S, N]."""
+    m = np.asarray(inputs_mask, bool)
+    return np.repeat(m[:, None], n_slots, axis=1)
+
+
+def same_init(env: Env, key: jax.Array, n: int) -> dict:
+    """`n` copies of ONE freshly initialised adapter (every method starts from the same weights)."""
+    one = env.new_adapters(key, 1)
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), one)
+
+
+def rows(tree, index):
+    """Leaves[index] along the leading axis."""
+    return jax.tree.map(lambda x: x[index], tree)

@@ -1,18 +1,15 @@
-"""The paper's baselines (Table 1 / Table 3) with FedRouter's shape (see base.py).
+"""The paper's baselines (Table 1 / Table 3) as client / server functions (see base.py).
 
-Every method trains all of its slots of a round in ONE client-mapped jitted call (the runner's
-`training.clients_local_steps`), with the same model, LoRA config, optimizer, local-step budget
-(`train.local_steps` x `train.batch_size` per slot) and evaluation as FedRouter. Slot counts are
-fixed by the config (C, or 2C for FedDPA), so the round step compiles once.
+Every method trains all slots of a round in ONE client-mapped jitted call, with the same model,
+LoRA config, optimizer, local-step budget (`train.local_steps` x `train.batch_size` per slot)
+and evaluation as FedRouter. Shapes: C clients, P participants this round, K clusters.
 
-State is a plain nested dict of arrays (checkpointable as is). Shapes: C clients, K clusters.
-
-* FedIT   (Zhang et al. 2024): one global adapter, FedAvg over all clients.
-* Local:  one adapter per client, no communication.
+* FedIT   (Zhang et al. 2024): one global adapter, FedAvg over the replies.
+* Local:  one adapter per client, kept on the client, no communication.
 * FedCluster (Sattler et al. 2020, as adapted in the FedRouter authors' code): FedAvg until
   `fedcluster.cluster_round`, then Ward clustering of the clients' LoRA-update cosine
   similarities into `fedcluster.n_clusters` groups, FedAvg within each group.
-* FedSA-LoRA (Guo et al. 2024): A averaged over clients, B kept per client.
+* FedSA-LoRA (Guo et al. 2024): A averaged over clients on the server, B kept on each client.
 * FedDPA  (Yang, Long et al., NeurIPS 2024): global adapter by FedAvg + a personal local
   adapter trained on top of the frozen global one; instance-wise dynamic weighting at test time.
 """
@@ -21,143 +18,199 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from fedrouter_jax.algorithms.base import Context, EvalPlan, RoundPlan, register
-from fedrouter_jax.lora import LoraStack
-from fedrouter_jax.tree_util import segment_weighted_mean, take_rows, weighted_mean
+from fedrouter_jax.algorithms.base import Env, Method, RouteMessage, Routing, pool_all, register, rows, same_init
+from fedrouter_jax.tree_util import segment_weighted_mean, weighted_mean
+
+
+@struct.dataclass
+class Nothing:
+    """An empty state or message (a pytree with no leaves)."""
+
+
+@struct.dataclass
+class AdapterState:
+    """adapters: params with leaves [A, ...] (server: its adapters; client stack: [C, ...])."""
+
+    adapters: dict
+
+
+@struct.dataclass
+class AdapterTask:
+    """Server -> participant: start params [P, S, ...] of its slots."""
+
+    adapters: dict
 
 
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _rows(params: dict, index) -> dict:
-    """params leaves [A, ...] -> leaves [len(index), ...] (host numpy, materialised)."""
-    return jax.tree.map(lambda x: np.asarray(x)[np.asarray(index)], params)
+def _no_client_setup(env: Env, inputs, key):
+    return Nothing(), Nothing()
 
 
-def _one_init(ctx: Context, key: jax.Array, n: int) -> dict:
-    """`n` copies of ONE freshly initialised adapter (every method starts from the same weights)."""
-    return _rows(jax.tree.map(np.asarray, ctx.new_adapters(key, 1)), np.zeros(n, np.int64))
+def _no_server_setup_state(env: Env, msgs, key):
+    return Nothing()
 
 
-def _all_data(ctx: Context) -> list:
-    """Every client trains on all of its training samples."""
-    return [np.arange(int(n)) for n in ctx.train_sizes]
+def _pools_all(env: Env, state, task, inputs) -> np.ndarray:
+    return pool_all(inputs.train_mask)
 
 
-def _per_client_ids(ctx: Context, ids) -> list:
-    """Test-sample adapter ids: client c's samples all use adapter ids[c]."""
-    return [np.full(len(ctx.test_emb[c]), int(ids[c]), np.int32) for c in range(ctx.n_clients)]
+def _start_from_task(env: Env, state, task):
+    return task.adapters, None
 
 
-def _client_plan(ctx: Context, start: dict, log=None) -> RoundPlan:
-    """One slot per client, all its data, weights = its sample count."""
-    return RoundPlan(
-        slot_client=np.arange(ctx.n_clients, dtype=np.int32), pools=_all_data(ctx), start=ctx.stack(start),
-        weights=np.asarray(ctx.train_sizes, np.float32), log=log or {},
-    )
+def _reply_as_is(env: Env, state, task, trained, reply):
+    return state, reply
 
 
-def _host(tree):
-    return jax.tree.map(np.asarray, tree)
+def _keep_where(has, new, old):
+    """new where `has` (a scalar or [A] bool) else old, leaf by leaf."""
+    def pick(n, o):
+        h = jnp.reshape(has, jnp.shape(has) + (1,) * (n.ndim - jnp.ndim(has)))
+        return jnp.where(h, n, o.astype(n.dtype))
+    return jax.tree.map(pick, new, old)
 
 
-class _OneSlotPerClient:
-    def n_slots(self, ctx: Context) -> int:
-        return ctx.n_clients
+def fedavg(adapters, weight, arrived, previous):
+    """Sample-weighted mean of the arrived replies' single slot, or `previous` if none arrived.
+
+    adapters leaves [P, 1, ...]; weight [P, 1]; arrived [P]; previous leaves [...] -> [...].
+    """
+    w = weight[:, 0] * arrived
+    glob = weighted_mean(jax.tree.map(lambda x: x[:, 0], adapters), w)
+    return _keep_where(w.sum() > 0, glob, previous)
+
+
+def _shared_route(env: Env, state: AdapterState, mode: str) -> RouteMessage:
+    return RouteMessage(adapters=state.adapters, per_client=None)
 
 
 # ----------------------------------------------------------------------------- FedIT
 
 
-@register("fedit")
-class FedIT(_OneSlotPerClient):
-    """FedIT (Zhang et al. 2024, the instruction-tuning form of FedAvg, McMahan et al. 2017).
+def _fedit_server_setup(env: Env, msgs, key) -> AdapterState:
+    return AdapterState(jax.tree.map(np.asarray, same_init(env, key, 1)))
 
-    Update rule, per round t, for both LoRA factors X in {A, B}:
-        every client c trains the global adapter X^t for S local steps on all its data -> X_c^t;
-        X^{t+1} = sum_c n_c X_c^t / sum_c n_c          (n_c = client c's training samples).
-    Evaluation: every test sample uses the global adapter.
-    """
 
-    def init(self, ctx: Context, key: jax.Array) -> dict:
-        return {"adapters": _one_init(ctx, key, 1)}
+def _fedit_plan(env: Env, state: AdapterState, round_idx: int, participants) -> AdapterTask:
+    p = len(participants)
+    return AdapterTask(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (p,) + x.shape), state.adapters))
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan:
-        return _client_plan(ctx, _rows(state["adapters"], np.zeros(ctx.n_clients, np.int64)))
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict:
-        glob = weighted_mean(trained.params, jnp.asarray(plan.weights))
-        return {**state, "adapters": _host(jax.tree.map(lambda x: x[None], glob))}
+def _fedit_aggregate(env, state: AdapterState, task, reply, arrived, participants, round_idx) -> AdapterState:
+    glob = fedavg(reply.adapters, reply.weight, arrived, jax.tree.map(lambda x: x[0], state.adapters))
+    return AdapterState(jax.tree.map(lambda x: x[None], glob))
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan:
-        return EvalPlan(adapters=ctx.stack(state["adapters"]), adapter_ids=_per_client_ids(ctx, [0] * ctx.n_clients))
+
+def _one_adapter_route(env: Env, state, msg: RouteMessage, inputs, mode: str) -> Routing:
+    """Every test sample uses adapter 0 (the shared one, or the client's own)."""
+    m = np.asarray(inputs.test_mask, bool)
+    return Routing(own=None, ids=np.where(m, 0, -1).astype(np.int32))
+
+
+FEDIT = register(Method(
+    name="fedit", slots=lambda env: 1,
+    client_setup=_no_client_setup, client_pools=_pools_all, client_slots=_start_from_task,
+    client_reply=_reply_as_is, client_route=_one_adapter_route,
+    server_setup=_fedit_server_setup, server_plan=_fedit_plan, server_aggregate=_fedit_aggregate,
+    server_route=_shared_route,
+    description="FedIT: one global adapter, FedAvg (X^{t+1} = sum_c n_c X_c^t / sum_c n_c)",
+))
 
 
 # ----------------------------------------------------------------------------- Local
 
 
-@register("local")
-class Local(_OneSlotPerClient):
-    """Local fine-tuning: no communication, no aggregation.
+def _local_client_setup(env: Env, inputs, key):
+    """Every client starts from the same initial adapter and keeps it: state leaves [C, ...]."""
+    n = len(np.asarray(inputs.client_id))
+    return AdapterState(jax.tree.map(np.asarray, same_init(env, key, n))), Nothing()
 
-    Update rule: X_c^{t+1} = X_c^t after S local steps of client c on all its data, for X in {A, B}.
-    Every client starts from the same initial adapter. Evaluation: client c uses X_c.
-    """
 
-    def init(self, ctx: Context, key: jax.Array) -> dict:
-        return {"adapters": _one_init(ctx, key, ctx.n_clients)}
+def _own_slot(env: Env, state: AdapterState, task):
+    return jax.tree.map(lambda x: x[:, None], state.adapters), None
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan:
-        return _client_plan(ctx, state["adapters"])
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict:
-        return {**state, "adapters": _host(trained.params)}
+def _local_reply(env: Env, state: AdapterState, task, trained, reply):
+    """The trained adapter stays on the client; nothing is sent."""
+    return AdapterState(jax.tree.map(lambda x: x[:, 0], trained)), reply.replace(adapters=None)
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan:
-        return EvalPlan(adapters=ctx.stack(state["adapters"]), adapter_ids=_per_client_ids(ctx, range(ctx.n_clients)))
+
+def _own_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode: str) -> Routing:
+    m = np.asarray(inputs.test_mask, bool)
+    return Routing(own=jax.tree.map(lambda x: np.asarray(x)[:, None], state.adapters),
+                   ids=np.where(m, 0, -1).astype(np.int32))
+
+
+LOCAL = register(Method(
+    name="local", slots=lambda env: 1,
+    client_setup=_local_client_setup, client_pools=_pools_all, client_slots=_own_slot,
+    client_reply=_local_reply, client_route=_own_route,
+    server_setup=_no_server_setup_state, server_plan=lambda env, s, r, p: Nothing(),
+    server_aggregate=lambda env, s, task, reply, arrived, participants, r: s,
+    server_route=lambda env, s, mode: RouteMessage(adapters=None, per_client=None),
+    description="Local: each client fine-tunes its own adapter, no communication",
+))
 
 
 # ----------------------------------------------------------------------------- FedSA-LoRA
 
 
-@register("fedsa")
-class FedSA(_OneSlotPerClient):
-    """FedSA-LoRA (Guo et al. 2024, "Selective Aggregation for LoRA in Federated Learning").
+def _factor(params: dict, f: str) -> dict:
+    return {t: {f: p[f]} for t, p in params.items()}
 
-    Update rule, per round t (reference code Pengxin-Guo/FedSA-LoRA: `personalization.local_param:
-    ['lora_B']`, FederatedScope's sample-weighted FedAvg for the shared part):
-        client c trains (A^t, B_c^t) for S local steps on all its data -> (A_c^t, B_c^{t+1});
-        A^{t+1} = sum_c n_c A_c^t / sum_c n_c      (shared: the general knowledge)
-        B_c^{t+1} stays on client c                 (personal: never averaged).
-    All clients start from the same (A^0, B^0 = 0). Evaluation: client c uses (A, B_c).
-    State: `adapters` [C, ...] whose A rows are all equal to the shared A.
-    """
 
-    def init(self, ctx: Context, key: jax.Array) -> dict:
-        return {"adapters": _one_init(ctx, key, ctx.n_clients)}
+def _join(a: dict, b: dict) -> dict:
+    return {t: {"a": a[t]["a"], "b": b[t]["b"]} for t in a}
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan:
-        return _client_plan(ctx, state["adapters"])
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict:
-        w = jnp.asarray(plan.weights)
-        c = ctx.n_clients
-        out = {}
-        for t, p in trained.params.items():
-            a = weighted_mean(p["a"], w)
-            out[t] = {"a": jnp.broadcast_to(a, (c,) + a.shape), "b": p["b"]}
-        return {**state, "adapters": _host(out)}
+def _fedsa_client_setup(env: Env, inputs, key):
+    """B_c^0 = 0 on every client (the same init as the server's A^0)."""
+    n = len(np.asarray(inputs.client_id))
+    return AdapterState(_factor(jax.tree.map(np.asarray, same_init(env, key, n)), "b")), Nothing()
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan:
-        return EvalPlan(adapters=ctx.stack(state["adapters"]), adapter_ids=_per_client_ids(ctx, range(ctx.n_clients)))
+
+def _fedsa_server_setup(env: Env, msgs, key) -> AdapterState:
+    return AdapterState(_factor(jax.tree.map(np.asarray, same_init(env, key, 1)), "a"))
+
+
+def _fedsa_slots(env: Env, state: AdapterState, task: AdapterTask):
+    return _join(task.adapters, jax.tree.map(lambda x: x[:, None], state.adapters)), None
+
+
+def _fedsa_reply(env: Env, state: AdapterState, task, trained, reply):
+    """B_c stays on the client; A_c is sent."""
+    return AdapterState(_factor(jax.tree.map(lambda x: x[:, 0], trained), "b")), reply.replace(adapters=_factor(trained, "a"))
+
+
+def _fedsa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode: str) -> Routing:
+    """Client c serves with (A, B_c)."""
+    m = np.asarray(inputs.test_mask, bool)
+    c = len(np.asarray(inputs.client_id))
+    shared_a = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (c,) + x.shape), msg.adapters)
+    own = _join(shared_a, jax.tree.map(np.asarray, state.adapters))
+    return Routing(own=jax.tree.map(lambda x: x[:, None], own), ids=np.where(m, 0, -1).astype(np.int32))
+
+
+FEDSA = register(Method(
+    name="fedsa", slots=lambda env: 1,
+    client_setup=_fedsa_client_setup, client_pools=_pools_all, client_slots=_fedsa_slots,
+    client_reply=_fedsa_reply, client_route=_fedsa_route,
+    server_setup=_fedsa_server_setup, server_plan=_fedit_plan, server_aggregate=_fedit_aggregate,
+    server_route=lambda env, s, mode: RouteMessage(adapters=jax.tree.map(lambda x: x[0], s.adapters),
+                                                   per_client=None),
+    description="FedSA-LoRA: A averaged over clients (shared), B kept per client (personal)",
+))
 
 
 # ----------------------------------------------------------------------------- FedCluster
 
 
 def update_vectors(trained: dict, start: dict, on: str = "b", layers: str = "all") -> np.ndarray:
-    """Flattened LoRA updates per slot: leaves [C, L, ...] -> [C, P] float64.
+    """Flattened LoRA updates per client: leaves [C, L, ...] -> [C, P] float64.
 
     on: "b" (the FedRouter authors' choice, `similarity_B`), "a", or "ab";
     layers: "all", or "last" (the authors' `layer=-1`: the last LoRA tensor of the state dict,
@@ -206,55 +259,95 @@ def ward_clusters(similarity: np.ndarray, n_clusters: int) -> np.ndarray:
     return np.array([order[int(r)] for r in raw], np.int32)
 
 
-@register("fedcluster")
-class FedCluster(_OneSlotPerClient):
-    """Clustered FL for LoRA (Sattler et al. 2020; the FedRouter authors' `fed_clustered.py`).
+@struct.dataclass
+class FedClusterServer:
+    """adapters [K, ...]; cluster_of [C] (0 for all before clustering; -1: a client whose reply
+    did not arrive in the clustering round, until its next reply); similarity [C, C] of the
+    clustering round's updates (NaN rows: clients not clustered then)."""
 
-    Update rule (rounds t = 0, 1, ... ; k = `fedcluster.n_clusters`; t* = `fedcluster.cluster_round`,
-    "the round after which clients are clustered", = the authors' `sim_round`):
-        t <  t*: FedAvg over all clients (as FedIT); every cluster adapter = the global one.
-        t == t*: client c trains from the global adapter -> X_c; its update dX_c = X_c - X^t
-                 (LoRA B by default, `fedcluster.similarity_on` / `similarity_layers`);
-                 S_ij = cos(dX_i, dX_j); clusters = Ward(pdist(rows of S)) cut into k groups;
-        t >= t*: X_g^{t+1} = sum_{c in g} n_c X_c^t / sum_{c in g} n_c for each cluster g
-                 (a cluster without clients keeps its adapter).
-    The authors average within clusters unweighted; with equal client sizes (the paper's
-    600 samples each) that is the same. Evaluation: client c uses its cluster's adapter.
-    State: `adapters` [k, ...], `cluster_of` [C] (all 0 before clustering), `similarity` [C, C].
-    """
+    adapters: dict
+    cluster_of: np.ndarray
+    similarity: np.ndarray
 
-    def init(self, ctx: Context, key: jax.Array) -> dict:
-        k = int(ctx.config.fedcluster.n_clusters)
-        return {
-            "adapters": _one_init(ctx, key, k),
-            "cluster_of": np.zeros(ctx.n_clients, np.int32),
-            "similarity": np.full((ctx.n_clients, ctx.n_clients), np.nan, np.float32),
-        }
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan:
-        cluster_of = np.asarray(state["cluster_of"])
-        return _client_plan(ctx, _rows(state["adapters"], cluster_of), log={"cluster_of": cluster_of.tolist()})
+def _fedcluster_server_setup(env: Env, msgs, key) -> FedClusterServer:
+    k, c = int(env.config.fedcluster.n_clusters), env.n_clients
+    return FedClusterServer(adapters=jax.tree.map(np.asarray, same_init(env, key, k)),
+                            cluster_of=np.zeros(c, np.int32), similarity=np.full((c, c), np.nan, np.float32))
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict:
-        fc = ctx.config.fedcluster
-        k = int(fc.n_clusters)
-        w = jnp.asarray(plan.weights)
-        if round_idx < fc.cluster_round:  # FedAvg over all: every cluster adapter = the global one
-            glob = weighted_mean(trained.params, w)
-            adapters = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), glob)
-            return {**state, "adapters": _host(adapters)}
-        cluster_of = np.asarray(state["cluster_of"])
-        if round_idx == fc.cluster_round:
-            upd = update_vectors(trained.params, plan.start.params, fc.similarity_on, fc.similarity_layers)
-            sim = cosine_similarity_matrix(upd)
-            cluster_of = ward_clusters(sim, k)
-            state = {**state, "similarity": sim.astype(np.float32)}
-        adapters = segment_weighted_mean(trained.params, jnp.asarray(cluster_of), w, state["adapters"], num_segments=k)
-        return {**state, "adapters": _host(adapters), "cluster_of": cluster_of.astype(np.int32)}
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan:
-        return EvalPlan(adapters=ctx.stack(state["adapters"]),
-                        adapter_ids=_per_client_ids(ctx, np.asarray(state["cluster_of"])))
+def _unassigned_start(server: FedClusterServer) -> dict:
+    """What a client not yet clustered trains from: the uniform mean of the cluster adapters."""
+    return jax.tree.map(lambda x: np.asarray(x).mean(0), server.adapters)
+
+
+def _fedcluster_plan(env: Env, server: FedClusterServer, round_idx: int, participants) -> AdapterTask:
+    of = np.asarray(server.cluster_of)[np.asarray(participants)]
+    mean = _unassigned_start(server)
+    start = jax.tree.map(lambda x, m: np.where((of < 0).reshape((-1,) + (1,) * (x.ndim - 1)), m, x[np.maximum(of, 0)]),
+                         server.adapters, mean)
+    return AdapterTask(jax.tree.map(lambda x: x[:, None], start))
+
+
+def _fedcluster_aggregate(env, server: FedClusterServer, task: AdapterTask, reply, arrived, participants,
+                          round_idx: int) -> FedClusterServer:
+    """Host-side (Ward clustering is scipy). See `FedCluster` in the module docstring."""
+    fc = env.config.fedcluster
+    k = int(fc.n_clusters)
+    arrived = np.asarray(arrived, bool)
+    participants = np.asarray(participants)
+    trained = jax.tree.map(lambda x: np.asarray(x)[:, 0], reply.adapters)
+    start = jax.tree.map(lambda x: np.asarray(x)[:, 0], task.adapters)
+    w = np.asarray(reply.weight)[:, 0] * arrived
+    if round_idx < fc.cluster_round:  # FedAvg over all: every cluster adapter = the global one
+        prev = jax.tree.map(lambda x: np.asarray(x)[0], server.adapters)
+        glob = fedavg(reply.adapters, reply.weight, arrived, prev)
+        return server.replace(adapters=jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (k,) + x.shape).copy(), glob))
+    cluster_of = np.asarray(server.cluster_of).copy()
+    sim_all = np.asarray(server.similarity).copy()
+    upd = update_vectors(trained, start, fc.similarity_on, fc.similarity_layers)
+    if round_idx == fc.cluster_round:
+        here = np.flatnonzero(arrived)
+        sim = cosine_similarity_matrix(upd[here])
+        cluster_of[:] = -1
+        cluster_of[participants[here]] = ward_clusters(sim, k)
+        sim_all[:] = np.nan
+        sim_all[np.ix_(participants[here], participants[here])] = sim
+    else:  # a client absent at the clustering round joins the cluster whose adapter it moved towards
+        for i in np.flatnonzero(arrived & (cluster_of[participants] < 0)):
+            own = update_vectors(jax.tree.map(lambda x: x[i: i + 1], trained),
+                                 jax.tree.map(lambda x: x[i: i + 1], start), fc.similarity_on, fc.similarity_layers)
+            to = update_vectors(jax.tree.map(lambda x: np.asarray(x), server.adapters),
+                                jax.tree.map(lambda x: np.broadcast_to(x[i], (k,) + x.shape[1:]), start),
+                                fc.similarity_on, fc.similarity_layers)
+            cluster_of[participants[i]] = int(np.argmax(cosine_similarity_matrix(np.concatenate([own, to]))[0, 1:]))
+    seg = np.where(arrived, cluster_of[participants], -1)
+    adapters = segment_weighted_mean(jax.tree.map(jnp.asarray, trained), jnp.asarray(seg), jnp.asarray(w),
+                                     server.adapters, num_segments=k)
+    return FedClusterServer(adapters=jax.tree.map(np.asarray, adapters), cluster_of=cluster_of.astype(np.int32),
+                            similarity=sim_all.astype(np.float32))
+
+
+def _fedcluster_route(env: Env, server: FedClusterServer, mode: str) -> RouteMessage:
+    """Client c serves with its cluster's adapter (a client never clustered: cluster 0)."""
+    return RouteMessage(adapters=server.adapters, per_client=np.maximum(np.asarray(server.cluster_of), 0))
+
+
+def _cluster_route(env: Env, state, msg: RouteMessage, inputs, mode: str) -> Routing:
+    m = np.asarray(inputs.test_mask, bool)
+    of = np.asarray(msg.per_client)[:, None]
+    return Routing(own=None, ids=np.where(m, of, -1).astype(np.int32))
+
+
+FEDCLUSTER = register(Method(
+    name="fedcluster", slots=lambda env: 1,
+    client_setup=_no_client_setup, client_pools=_pools_all, client_slots=_start_from_task,
+    client_reply=_reply_as_is, client_route=_cluster_route,
+    server_setup=_fedcluster_server_setup, server_plan=_fedcluster_plan, server_aggregate=_fedcluster_aggregate,
+    server_route=_fedcluster_route, jit_aggregate=False,
+    description=("FedCluster: FedAvg until fedcluster.cluster_round, then Ward clustering of the clients' "
+                 "update similarities, FedAvg within each cluster"),
+))
 
 
 # ----------------------------------------------------------------------------- FedDPA
@@ -278,79 +371,79 @@ def dynamic_weights(test_emb: np.ndarray, train_emb: np.ndarray, *, max_weight: 
     return np.clip(max_weight * s, 0.0, max_weight).astype(np.float32)
 
 
-@register("feddpa")
-class FedDPA:
-    """FedDPA-T (Yang, Long et al., NeurIPS 2024, "Dual-Personalizing Adapter for Federated
-    Foundation Models"; reference code Lydia-yang/FedDPA, `main.py --local_model`).
+@struct.dataclass
+class DPATask:
+    """Server -> participant: global start params [P, ...]; keep_local: whether the local
+    adapter trained this round is kept (the reference trains no local adapter in round 1)."""
 
-    Update rule, per round t, with the global adapter G^t and client c's local adapter L_c^t:
-        local (t >= 1; the reference trains no local adapter in its first round):
-            client c trains L_c on top of the frozen G^t, the model's update being
-            tw * dW(G^t) + dW(L_c)   (tw = `feddpa.train_weight`, the code's 0.5 / 0.5 mix, written
-            with the local half's factor absorbed into L_c) -> L_c^{t+1};
-        global: client c trains G^t alone -> G_c^t;  G^{t+1} = sum_c n_c G_c^t / sum_c n_c.
-    Both trainings run in ONE call: slots [global x C] + [local x C], a zero frozen adapter on the
-    global slots and tw * G^t on the local slots (`RoundPlan.frozen`); 2C slots every round.
-    Inference, per test sample x of client c, with the local weight alpha(x):
-        dW = (1 - alpha) dW(G) + alpha / (1 - tw) * dW(L_c)
-    (so alpha = 1 - tw reproduces the training-time model exactly), where
-      * `feddpa.mixing: dynamic` (DEFAULT, the paper's instance-wise dynamic weighting, also the
-        code's `--auto`): alpha(x) = max_weight * mean cosine similarity between the base-model
-        representation of x and those of `instance_num` of client c's training samples (see
-        `dynamic_weights`); the representation is the runner's mean-pooled last hidden state
-        (the code's `emb_type=avg`), max_weight 0.5 as the code's `half`;
-      * `feddpa.mixing: fixed` (the released code's default): alpha = 1 - `feddpa.fixed_weight`.
-    State: `global` [1, ...], `local` [C, ...].
-    """
+    adapters: dict
+    keep_local: jax.Array  # [P] bool (an array, so the round compiles once)
 
-    def init(self, ctx: Context, key: jax.Array) -> dict:
-        kg, kl = jax.random.split(key)
-        return {"global": _one_init(ctx, kg, 1), "local": _host(ctx.new_adapters(kl, ctx.n_clients))}
 
-    def n_slots(self, ctx: Context) -> int:
-        return 2 * ctx.n_clients
+def _feddpa_client_setup(env: Env, inputs, key):
+    """Client c's local adapter: row c of one fresh stack of C (as before this split)."""
+    _, kl = jax.random.split(key)
+    ids = jnp.asarray(inputs.client_id)
+    return AdapterState(jax.tree.map(np.asarray, rows(env.new_adapters(kl, env.n_clients), ids))), Nothing()
 
-    def plan(self, ctx: Context, state: dict, round_idx: int) -> RoundPlan:
-        c = ctx.n_clients
-        tw = float(ctx.config.feddpa.train_weight)
-        glob = _rows(state["global"], np.zeros(c, np.int64))
-        start = jax.tree.map(lambda g, l: np.concatenate([g, np.asarray(l)]), glob, state["local"])
-        frozen = {t: {"a": np.concatenate([np.zeros_like(p["a"]), p["a"]]),
-                      "b": np.concatenate([np.zeros_like(p["b"]), tw * p["b"]])} for t, p in glob.items()}
-        sizes = np.asarray(ctx.train_sizes, np.float32)
-        return RoundPlan(
-            slot_client=np.tile(np.arange(c, dtype=np.int32), 2), pools=_all_data(ctx) * 2,
-            start=ctx.stack(start), frozen=ctx.stack(frozen), weights=np.concatenate([sizes, sizes]),
-            log={"slots": "global x C + local x C", "local_kept": bool(round_idx >= 1)},
-        )
 
-    def aggregate(self, ctx: Context, state: dict, plan: RoundPlan, trained: LoraStack, round_idx: int) -> dict:
-        c = ctx.n_clients
-        glob = weighted_mean(take_rows(trained.params, jnp.arange(c)), jnp.asarray(plan.weights[:c]))
-        out = {**state, "global": _host(jax.tree.map(lambda x: x[None], glob))}
-        if round_idx >= 1:
-            out["local"] = _host(take_rows(trained.params, jnp.arange(c, 2 * c)))
-        return out
+def _feddpa_server_setup(env: Env, msgs, key) -> AdapterState:
+    kg, _ = jax.random.split(key)
+    return AdapterState(jax.tree.map(np.asarray, same_init(env, kg, 1)))
 
-    def mix_weights(self, ctx: Context) -> list[np.ndarray]:
-        """Per client [N_c]: alpha, the local adapter's weight for each test sample."""
-        dc = ctx.config.feddpa
+
+def _feddpa_plan(env: Env, state: AdapterState, round_idx: int, participants) -> DPATask:
+    p = len(participants)
+    return DPATask(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (p,) + x.shape[1:]), state.adapters),
+                   keep_local=np.full((p,), round_idx >= 1))
+
+
+def _feddpa_slots(env: Env, state: AdapterState, task: DPATask):
+    """Slot 0: the global adapter alone; slot 1: the local adapter on top of tw x the frozen global."""
+    tw = float(env.config.feddpa.train_weight)
+    g, loc = task.adapters, state.adapters
+    start = jax.tree.map(lambda a, b: jnp.stack([a, b], axis=1), g, loc)
+    frozen = {t: {"a": jnp.stack([jnp.zeros_like(p["a"]), p["a"]], axis=1),
+                  "b": jnp.stack([jnp.zeros_like(p["b"]), tw * p["b"]], axis=1)} for t, p in g.items()}
+    return start, frozen
+
+
+def _feddpa_reply(env: Env, state: AdapterState, task: DPATask, trained, reply):
+    """The global slot is sent; the local slot stays on the client (from round 2 on)."""
+    keep = task.keep_local
+    new = AdapterState(jax.tree.map(lambda t, old: jnp.where(keep.reshape((-1,) + (1,) * (old.ndim - 1)), t[:, 1], old),
+                                    trained, state.adapters))
+    return new, reply.replace(adapters=jax.tree.map(lambda x: x[:, :1], trained), weight=reply.weight[:, :1])
+
+
+def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode: str) -> Routing:
+    """Shared [global] + own [local]; per sample (1 - a) dW(G) + a / (1 - tw) dW(L_c)."""
+    dc, seed = env.config.feddpa, int(env.config.seed)
+    tw = float(dc.train_weight)
+    m = np.asarray(inputs.test_mask, bool)
+    alpha = np.zeros(m.shape, np.float32)
+    for c, cid in enumerate(np.asarray(inputs.client_id)):
+        test, train = np.asarray(inputs.test_emb[c])[m[c]], np.asarray(inputs.train_emb[c])[np.asarray(inputs.train_mask[c], bool)]
         if dc.mixing == "fixed":
-            return [np.full(len(e), 1.0 - dc.fixed_weight, np.float32) for e in ctx.test_emb]
-        return [
-            dynamic_weights(np.asarray(ctx.test_emb[c], np.float32), np.asarray(ctx.train_emb[c], np.float32),
-                            max_weight=dc.max_weight, instance_num=dc.instance_num,
-                            rng=np.random.default_rng([int(ctx.config.seed), 7, c]))
-            for c in range(ctx.n_clients)
-        ]
+            alpha[c, : len(test)] = 1.0 - dc.fixed_weight
+        else:
+            alpha[c, : len(test)] = dynamic_weights(test.astype(np.float32), train.astype(np.float32),
+                                                    max_weight=dc.max_weight, instance_num=dc.instance_num,
+                                                    rng=np.random.default_rng([seed, 7, int(cid)]))
+    ids = np.where(m, 0, -1).astype(np.int32)
+    return Routing(own=jax.tree.map(lambda x: np.asarray(x)[:, None], state.adapters), ids=ids,
+                   mix_ids=np.where(m, 1, -1).astype(np.int32), mix_weight=(alpha / (1.0 - tw)).astype(np.float32),
+                   self_weight=(1.0 - alpha).astype(np.float32))
 
-    def route(self, ctx: Context, state: dict, mode: str) -> EvalPlan:
-        """Stack [1 + C]: 0 = global, 1 + c = client c's local adapter; per-sample blends."""
-        tw = float(ctx.config.feddpa.train_weight)
-        stack = jax.tree.map(lambda g, l: np.concatenate([g, l]), state["global"], state["local"])
-        alphas = self.mix_weights(ctx)
-        ids = [np.zeros(len(a), np.int32) for a in alphas]
-        mix = [(np.full(len(a), 1 + c, np.int32), (a / (1.0 - tw)).astype(np.float32), (1.0 - a).astype(np.float32))
-               for c, a in enumerate(alphas)]
-        return EvalPlan(adapters=ctx.stack(stack), adapter_ids=ids, mix=mix,
-                        log={"local_weight_mean": [float(a.mean()) if a.size else float("nan") for a in alphas]})
+
+FEDDPA = register(Method(
+    name="feddpa", slots=lambda env: 2,
+    client_setup=_feddpa_client_setup, client_pools=lambda env, s, task, inputs: pool_all(inputs.train_mask, 2),
+    client_slots=_feddpa_slots, client_reply=_feddpa_reply, client_route=_feddpa_route,
+    server_setup=_feddpa_server_setup, server_plan=_feddpa_plan, server_aggregate=_fedit_aggregate,
+    server_route=_shared_route,
+    # slot s of client c: stream s * C + c (global slots of all clients first, as before this split)
+    batch_stream=lambda env, client, slot: slot * env.n_clients + client,
+    description=("FedDPA-T: global adapter by FedAvg + a local adapter trained on top of the frozen global one; "
+                 "instance-wise dynamic weighting at test time"),
+))

@@ -414,14 +414,16 @@ def batched_kmeans(
     n_init: int | str = 10,
     seed=0,
     client_batch_size: int = 1,
+    client_ids=None,
 ) -> BatchedKMeansResult:
     """K-Means of every client in one jitted call; each client equals its own `kmeans` call.
 
     x: [C, N, D] padded client data; mask: [C, N] bool (True = real sample) or None;
     n_clusters: int or [C] ints (per-client k_c <= k_max); k_max: static padded cluster count
     (default max(n_clusters)); init: optional [C, k_max, D] initial centroids (rows >= k_c ignored);
-    seed: k-means++ seed: an int (client c uses ``fold_in(key(seed), c)``) or [C] ints (client c
-    uses ``key(seed[c])``, as `kmeans(..., seed=seed[c])` does); client_batch_size: clients per
+    seed: k-means++ seed: an int (row c uses ``fold_in(key(seed), client_ids[c])``, client_ids
+    default ``arange(C)``, so a client clustered alone with its id gets the same result) or [C]
+    ints (row c uses ``key(seed[c])``, as `kmeans(..., seed=seed[c])` does); client_batch_size: clients per
     vmapped group inside ``lax.map`` (1 = strictly sequential, usually fastest on CPU).
     -> BatchedKMeansResult(centroids [C, k_max, D], centroid_mask [C, k_max], labels [C, N],
     inertia [C], n_iter [C]).
@@ -448,7 +450,8 @@ def batched_kmeans(
         init = jnp.zeros((c_num, 1, 1), jnp.float32)  # unused placeholder
         n_init_r = _resolve_n_init(n_init)
     if np.ndim(seed) == 0:
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(c_num))
+        ids = jnp.arange(c_num) if client_ids is None else jnp.asarray(client_ids, jnp.int32).reshape(c_num)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
     else:
         keys = jax.vmap(jax.random.key)(jnp.asarray(seed, jnp.int32).reshape(c_num))
     c, labels, inertia, n_iter = _batched_kmeans_jit(

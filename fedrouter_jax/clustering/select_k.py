@@ -67,12 +67,13 @@ def choose_k_batched(
     tol: float = 1e-4,
     min_silhouette: float | None = None,
     client_batch_size: int = 1,
+    client_ids=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`choose_k` for every client: two jitted calls per k (batched K-Means, batched Silhouette).
 
     Both are compiled once for the whole range (k_max = max(k_range), the current k is a traced
     per-client cluster count), so scanning k costs no recompilation.
-    x: [C, N, D], mask: [C, N] bool or None; seed: int or [C] ints (see `batched_kmeans`).
+    x: [C, N, D], mask: [C, N] bool or None; seed: int or [C] ints, client_ids: see `batched_kmeans`.
     -> (best_k [C] int, scores [C, len(k_range)] float, NaN where undefined, e.g. a client with
     <= k valid samples).
     """
@@ -93,7 +94,7 @@ def choose_k_batched(
         k_c = np.where(ok, k, np.clip(n_valid, 1, k))  # too-small clients: legal, score NaN
         res = batched_kmeans(
             x, mask_np, k_c, k_max=k_max, n_init=n_init, seed=seed, max_iter=max_iter, tol=tol,
-            client_batch_size=client_batch_size,
+            client_batch_size=client_batch_size, client_ids=client_ids,
         )
         s = np.asarray(
             batched_silhouette_score(

@@ -245,12 +245,13 @@ def encode_inputs(examples: Sequence[dict], tokenizer, max_len: int = 1024, *,
 
 
 def sample_round_batches(tokset_per_client: Sequence[TokenizedSet], pools=None, *, steps: int,
-                         batch_size: int, seed: int, round_idx: int) -> dict[str, np.ndarray]:
+                         batch_size: int, seed: int, round_idx: int, streams=None) -> dict[str, np.ndarray]:
     """One round of local batches for every client.
 
     For client c, S*B indices are drawn from ``pools[c]`` (that client's allowed example
     indices, e.g. one local cluster; ``None`` = all its examples): the pool is walked through a
-    permutation drawn from ``np.random.default_rng([seed, round_idx, c])``, so indices repeat
+    permutation drawn from ``np.random.default_rng([seed, round_idx, streams[c]])`` (streams
+    default ``arange(C)``; a method names each slot's stream by client and slot), so indices repeat
     only when the pool is smaller than S*B (then further fresh permutations follow). Stateless:
     a resumed run that asks for the same (seed, round_idx) gets the same batches.
 
@@ -284,7 +285,7 @@ def sample_round_batches(tokset_per_client: Sequence[TokenizedSet], pools=None, 
             raise ValueError(f"client {c}: empty pool, nothing to sample for round {round_idx}")
         if pool.min() < 0 or pool.max() >= len(ts):
             raise ValueError(f"client {c}: pool indices outside [0, {len(ts)})")
-        rng = np.random.default_rng([int(seed), int(round_idx), c])
+        rng = np.random.default_rng([int(seed), int(round_idx), c if streams is None else int(streams[c])])
         passes = -(-need // pool.size)
         order = np.concatenate([rng.permutation(pool.size) for _ in range(passes)])[:need]
         all_idx[c] = pool[order]
