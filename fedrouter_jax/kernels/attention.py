@@ -1,8 +1,8 @@
 """Fused float32 attention on CPU through XLA FFI (`cpu_attention.cc`), with its own backward.
 
 `FEDROUTER_FUSED_ATTENTION` chooses: `auto` (default) uses the kernel on the CPU backend when it
-builds and falls back to XLA's attention with one warning when it does not; `0` never uses it;
-`1` requires it (a failed build raises). Both paths compute the same function
+builds and falls back to XLA's attention with one line on stderr when it does not; `0` never uses
+it; `1` requires it (a failed build raises). Both paths compute the same function
 (`layers.xla_attention`); tests/test_kernels.py holds them equal in value and gradient.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import jax
@@ -33,14 +33,15 @@ def mode() -> str:
 
 @functools.cache
 def _registered() -> bool:
-    """Build, load and register the kernel once per process; False (with a warning) if it fails
-    under `auto`."""
+    """Build, load and register the kernel once per process; False (with one line on stderr) if
+    it fails under `auto`."""
     try:
         lib = build.load(SOURCE)
     except (build.KernelBuildError, OSError) as err:
         if mode() == "on":
             raise
-        warnings.warn(f"fused CPU attention unavailable, using XLA's attention: {err}", RuntimeWarning)
+        # one line, once per process (this function is cached), however many traces follow
+        print(f"fedrouter-jax: fused CPU attention unavailable, using XLA's attention ({err})", file=sys.stderr)
         return False
     jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.FedrouterAttentionFwd), platform="cpu")
     jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.FedrouterAttentionBwd), platform="cpu")
@@ -63,7 +64,7 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
 
 def _require() -> None:
     if not _registered():
-        raise RuntimeError("fused CPU attention is unavailable (see the warning above)")
+        raise RuntimeError("fused CPU attention is unavailable (see the line above on stderr)")
 
 
 def _scale(q) -> np.float32:

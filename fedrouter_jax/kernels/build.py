@@ -2,8 +2,8 @@
 
 The library is built with `-march=native` (see `flags`) for the machine it runs on, so the cache key covers the
 source, the flags, the compiler, the jaxlib headers and the CPU's feature flags; a cache shared
-between different machines cannot hand one the other's binary. A failed build is reported once
-and the caller falls back to plain XLA.
+between different machines cannot hand one the other's binary. A failed build raises a
+one-line `KernelBuildError` (the compiler's output in `.detail`); the caller falls back to XLA.
 """
 from __future__ import annotations
 
@@ -29,7 +29,17 @@ def flags() -> tuple[str, ...]:
 
 
 class KernelBuildError(RuntimeError):
-    pass
+    """A kernel that cannot be built: a one-line message; the compiler's output in `detail`."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+def _first_error(stderr: str) -> str:
+    """The compiler's first error line (or its last line): what a one-line report shows."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "no output")
 
 
 def cache_dir() -> Path:
@@ -79,7 +89,8 @@ def build(source: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise KernelBuildError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-4000:]}")
+            raise KernelBuildError(f"{cxx} failed on {source} (exit {proc.returncode}): {_first_error(proc.stderr)}",
+                                   detail=f"`{' '.join(cmd)}`:\n{proc.stderr[-4000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
