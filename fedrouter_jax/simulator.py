@@ -226,33 +226,36 @@ class Simulator:
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_plan(self, state: SimState, mode: str) -> EvalPlan:
-        """server_route + every client's client_route -> one stack [shared | own of client 0 | ...]."""
-        env = self.env
-        msg = self.method.server_route(env, state.server, mode)
-        r = self.method.client_route(env, state.clients, msg, self.inputs, mode)
-        n_shared = 0 if msg.adapters is None else jax.tree.leaves(msg.adapters)[0].shape[0]
-        parts = [] if msg.adapters is None else [_host(msg.adapters)]
-        n_own = 0
-        if r.own is not None:
-            own = _host(r.own)  # [C, A_own, ...]
-            n_own = jax.tree.leaves(own)[0].shape[1]
-            parts.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), own))
-        adapters = None if not parts else env.stack(jax.tree.map(lambda *x: np.concatenate(x), *parts))
-        mask = np.asarray(self.inputs.test_mask, bool)
+        return eval_plan(self.method, self.env, state, self.inputs, mode)
 
-        def remap(ids):  # client-local [shared | own] index -> index into the joint stack
-            ids = np.asarray(ids, np.int32)
-            offset = (n_own * np.arange(ids.shape[0]))[:, None]
-            return np.where(ids >= n_shared, ids + offset, ids)
 
-        per_client = lambda x: [np.asarray(x)[c][mask[c]] for c in range(mask.shape[0])]  # noqa: E731
-        return EvalPlan(
-            adapters=adapters, adapter_ids=per_client(remap(r.ids)),
-            mix_ids=None if r.mix_ids is None else per_client(remap(r.mix_ids)),
-            mix_weight=None if r.mix_weight is None else per_client(r.mix_weight),
-            self_weight=None if r.self_weight is None else per_client(r.self_weight),
-            local_cluster=None if r.local_cluster is None else per_client(r.local_cluster),
-        )
+def eval_plan(method: Method, env: Env, state: SimState, inputs: ClientInputs, mode: str) -> EvalPlan:
+    """server_route + every client's client_route -> one stack [shared | own of client 0 | ...]."""
+    msg = method.server_route(env, state.server, mode)
+    r = method.client_route(env, state.clients, msg, inputs, mode)
+    n_shared = 0 if msg.adapters is None else jax.tree.leaves(msg.adapters)[0].shape[0]
+    parts = [] if msg.adapters is None else [_host(msg.adapters)]
+    n_own = 0
+    if r.own is not None:
+        own = _host(r.own)  # [C, A_own, ...]
+        n_own = jax.tree.leaves(own)[0].shape[1]
+        parts.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), own))
+    adapters = None if not parts else env.stack(jax.tree.map(lambda *x: np.concatenate(x), *parts))
+    mask = np.asarray(inputs.test_mask, bool)
+
+    def remap(ids):  # client-local [shared | own] index -> index into the joint stack
+        ids = np.asarray(ids, np.int32)
+        offset = (n_own * np.arange(ids.shape[0]))[:, None]
+        return np.where(ids >= n_shared, ids + offset, ids)
+
+    per_client = lambda x: [np.asarray(x)[c][mask[c]] for c in range(mask.shape[0])]  # noqa: E731
+    return EvalPlan(
+        adapters=adapters, adapter_ids=per_client(remap(r.ids)),
+        mix_ids=None if r.mix_ids is None else per_client(remap(r.mix_ids)),
+        mix_weight=None if r.mix_weight is None else per_client(r.mix_weight),
+        self_weight=None if r.self_weight is None else per_client(r.self_weight),
+        local_cluster=None if r.local_cluster is None else per_client(r.local_cluster),
+    )
 
 
 def client_inputs(train_emb: Sequence[np.ndarray], test_emb: Sequence[np.ndarray]) -> ClientInputs:

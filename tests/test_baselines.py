@@ -6,82 +6,69 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedrouter_jax.algorithms.base import Context, get_algorithm
 from fedrouter_jax.algorithms.baselines import (cosine_similarity_matrix, dynamic_weights, update_vectors,
                                                 ward_clusters)
 from fedrouter_jax.config import load_config
-from fedrouter_jax.lora import LoraStack, delta_weight, take
+from fedrouter_jax.lora import delta_weight, take
 from fedrouter_jax.routing import blend_per_sample
+from fedrouter_jax.simulator import SimState, eval_plan
 
-from helpers import TINY, smoke_overrides
-
-
-def make_ctx(sizes=(1, 3), overrides=(), test_emb=None, train_emb=None):
-    n = len(sizes)
-    cfg = load_config(None, ["lora.rank=2", "lora.targets=[q_proj, v_proj]", f"data.n_clients={n}",
-                             "data.train_per_client=8", "fedcluster.n_clusters=1", *overrides])
-    rng = np.random.default_rng(0)
-    train = train_emb or [rng.normal(size=(s, 4)).astype(np.float32) for s in sizes]
-    test = test_emb or [rng.normal(size=(2, 4)).astype(np.float32) for _ in sizes]
-    return Context(config=cfg, model_cfg=TINY, n_clients=n, train_sizes=np.asarray(sizes), train_emb=train,
-                   test_emb=test)
+from helpers import smoke_overrides
+from method_helpers import fake_round, filled_like, make_env, leaf_values, random_env, route, setup
 
 
-def filled(ctx, n, a_vals, b_vals):
-    """A stack of n adapters whose A (B) leaves of adapter i are all a_vals[i] (b_vals[i])."""
-    p = ctx.new_adapters(jax.random.PRNGKey(0), n)
-    col = lambda v, x: jnp.asarray(v, jnp.float32).reshape((n,) + (1,) * (x.ndim - 1)) * jnp.ones_like(x)
-    return ctx.stack({t: {"a": col(a_vals, q["a"]), "b": col(b_vals, q["b"])} for t, q in p.items()})
-
-
-def leaf_values(params, factor):
-    """Per adapter, the (constant) value of each factor's leaves; asserts they are constant."""
-    out = []
-    for t, q in params.items():
-        x = np.asarray(q[factor])
-        v = x.reshape(x.shape[0], -1)
-        np.testing.assert_array_equal(v, v[:, :1].repeat(v.shape[1], 1))
-        out.append(v[:, 0])
-    np.testing.assert_array_equal(out[0], out[-1])
-    return out[0]
-
-
-def first_round(method):
-    """Two clients (1 and 3 samples) train adapters with A = 1, 2 and B = 4, -4; the round's
-    (ctx, algo, plan, aggregated state)."""
-    ctx = make_ctx(sizes=(1, 3))
-    algo = get_algorithm(method)
-    state = algo.init(ctx, jax.random.PRNGKey(0))
-    plan = algo.plan(ctx, state, 0)
-    new = algo.aggregate(ctx, state, plan, filled(ctx, 2, [1.0, 2.0], [4.0, -4.0]), 0)
-    return ctx, algo, plan, new
+def first_round(method, sizes=(1, 3), overrides=()):
+    """Two clients (1 and 3 samples) train adapters with A = 1, 2 and B = 4, -4 in round 0:
+    (env, inputs, method, msg, pools, client rows after, reply, server after, clients before, server before)."""
+    env, inputs = random_env(sizes, overrides)
+    m, clients, server = setup(method, env, inputs)
+    msg, pools, rows, reply, new = fake_round(m, env, inputs, clients, server, 0,
+                                              lambda start: filled_like(start, [[1.0], [2.0]], [[4.0], [-4.0]]))
+    return env, inputs, m, msg, pools, rows, reply, new
 
 
 def test_fedit_aggregation_is_sample_weighted_mean():
-    ctx, algo, plan, new = first_round("fedit")
-    assert plan.slot_client.tolist() == [0, 1] and plan.weights.tolist() == [1.0, 3.0]
-    assert [p.size for p in plan.pools] == [1, 3]
+    env, inputs, m, msg, pools, rows, reply, new = first_round("fedit")
+    assert pools.sum(-1).tolist() == [[1], [3]] and np.asarray(reply.weight).tolist() == [[1.0], [3.0]]
     # (1 * 1 + 3 * 2) / 4 = 1.75 ; (1 * 4 + 3 * -4) / 4 = -2
-    np.testing.assert_allclose(leaf_values(new["adapters"], "a"), [1.75])
-    np.testing.assert_allclose(leaf_values(new["adapters"], "b"), [-2.0])
-    ev = algo.route(ctx, new, "local")
-    assert [ids.tolist() for ids in ev.adapter_ids] == [[0, 0], [0, 0]]
+    np.testing.assert_allclose(leaf_values(new.adapters, "a"), [1.75])
+    np.testing.assert_allclose(leaf_values(new.adapters, "b"), [-2.0])
+    assert np.asarray(route(m, env, rows, new, inputs).ids).tolist() == [[0, 0], [0, 0]]
+
+
+def test_fedit_keeps_its_adapter_when_no_reply_arrives():
+    env, inputs = random_env()
+    m, clients, server = setup("fedit", env, inputs)
+    *_, new = fake_round(m, env, inputs, clients, server, 0, lambda s: filled_like(s, [[1.0], [2.0]], [[4.0], [-4.0]]),
+                         arrived=[False, False])
+    for t in server.adapters:
+        np.testing.assert_array_equal(new.adapters[t]["a"], server.adapters[t]["a"])
+    *_, new = fake_round(m, env, inputs, clients, server, 0, lambda s: filled_like(s, [[1.0], [2.0]], [[4.0], [-4.0]]),
+                         arrived=[False, True])  # only client 1's reply: the mean is its adapter
+    np.testing.assert_allclose(leaf_values(new.adapters, "a"), [2.0])
 
 
 def test_local_has_no_mixing():
-    ctx, algo, plan, new = first_round("local")
-    np.testing.assert_array_equal(leaf_values(new["adapters"], "a"), [1.0, 2.0])
-    np.testing.assert_array_equal(leaf_values(new["adapters"], "b"), [4.0, -4.0])
-    assert [ids.tolist() for ids in algo.route(ctx, new, "local").adapter_ids] == [[0, 0], [1, 1]]
+    env, inputs, m, msg, pools, rows, reply, new = first_round("local")
+    assert reply.adapters is None  # nothing is sent
+    np.testing.assert_array_equal(leaf_values(rows.adapters, "a"), [1.0, 2.0])
+    np.testing.assert_array_equal(leaf_values(rows.adapters, "b"), [4.0, -4.0])
+    r = route(m, env, rows, new, inputs)
+    assert np.asarray(r.ids).tolist() == [[0, 0], [0, 0]]  # each client's own adapter (index 0 of its own)
+    np.testing.assert_array_equal(leaf_values(r.own, "b", lead=2), [[4.0], [-4.0]])
     # next round each client starts from its own adapter
-    np.testing.assert_array_equal(leaf_values(algo.plan(ctx, new, 1).start.params, "b"), [4.0, -4.0])
+    start, _ = m.client_slots(env, rows, m.server_plan(env, new, 1, np.arange(2)))
+    np.testing.assert_array_equal(leaf_values(start, "b", lead=2), [[4.0], [-4.0]])
 
 
 def test_fedsa_averages_a_and_keeps_b_per_client():
-    ctx, algo, plan, new = first_round("fedsa")
-    np.testing.assert_allclose(leaf_values(new["adapters"], "a"), [1.75, 1.75])
-    np.testing.assert_array_equal(leaf_values(new["adapters"], "b"), [4.0, -4.0])
-    assert [ids.tolist() for ids in algo.route(ctx, new, "local").adapter_ids] == [[0, 0], [1, 1]]
+    env, inputs, m, msg, pools, rows, reply, new = first_round("fedsa")
+    assert set(next(iter(reply.adapters.values()))) == {"a"}  # only A is sent
+    np.testing.assert_allclose(leaf_values(new.adapters, "a"), [1.75])
+    np.testing.assert_array_equal(leaf_values(rows.adapters, "b"), [4.0, -4.0])
+    r = route(m, env, rows, new, inputs)
+    np.testing.assert_allclose(leaf_values(r.own, "a", lead=2), [[1.75], [1.75]])
+    np.testing.assert_array_equal(leaf_values(r.own, "b", lead=2), [[4.0], [-4.0]])
 
 
 def test_ward_clustering_groups_identical_update_directions():
@@ -99,41 +86,63 @@ def test_ward_clustering_groups_identical_update_directions():
 
 
 def test_fedcluster_fedavg_then_clusters_by_update_direction():
-    sizes = (1, 1, 3, 1)
-    ctx = make_ctx(sizes=sizes, overrides=["fedcluster.n_clusters=2", "fedcluster.cluster_round=1",
-                                           "train.rounds=3"])
-    algo = get_algorithm("fedcluster")
-    state = algo.init(ctx, jax.random.PRNGKey(0))
-    plan = algo.plan(ctx, state, 0)
+    env, inputs = random_env((1, 1, 3, 1), ["fedcluster.n_clusters=2", "fedcluster.cluster_round=1", "train.rounds=3"])
+    m, clients, server = setup("fedcluster", env, inputs)
     # round 0 (< cluster_round): FedAvg over all clients into every cluster adapter
-    trained = filled(ctx, 4, [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
-    s1 = algo.aggregate(ctx, state, plan, trained, 0)
-    np.testing.assert_allclose(leaf_values(s1["adapters"], "a"), [(1 + 2 + 9 + 4) / 6] * 2)
-    assert s1["cluster_of"].tolist() == [0, 0, 0, 0]
-    # round 1 (= cluster_round): B updates of clients 0, 2 along +, of 1, 3 along a different direction
-    plan = algo.plan(ctx, s1, 1)
-    start = plan.start.params
+    *_, s1 = fake_round(m, env, inputs, clients, server, 0,
+                        lambda st: filled_like(st, [[1.0], [2.0], [3.0], [4.0]], [[1.0]] * 4))
+    np.testing.assert_allclose(leaf_values(s1.adapters, "a"), [(1 + 2 + 9 + 4) / 6] * 2, rtol=1e-6)
+    assert s1.cluster_of.tolist() == [0, 0, 0, 0]
+    # round 1 (= cluster_round): B updates of clients 0, 2 along one direction, of 1, 3 along another
     rng = np.random.default_rng(1)
-    dirs = {t: [rng.normal(size=np.asarray(q["b"]).shape[1:]) for _ in range(2)] for t, q in start.items()}
-    scale = [1.0, 2.0, 3.0, 0.5]
-    group = [0, 1, 0, 1]
-    new_params = {t: {"a": np.asarray(q["a"]) + 0.0,
-                      "b": np.stack([np.asarray(q["b"][c]) + scale[c] * dirs[t][group[c]] for c in range(4)])}
-                  for t, q in start.items()}
-    upd = update_vectors(new_params, start)
+    scale, group = [1.0, 2.0, 3.0, 0.5], [0, 1, 0, 1]
+    new_params = {}
+
+    def train(start):
+        for t, q in start.items():
+            d = [rng.normal(size=np.asarray(q["b"]).shape[2:]) for _ in range(2)]
+            new_params[t] = {"a": np.asarray(q["a"]) + 0.0,
+                             "b": np.stack([np.asarray(q["b"][c]) + scale[c] * d[group[c]] for c in range(4)])}
+        return new_params
+
+    msg, _, _, _, s2 = fake_round(m, env, inputs, clients, s1, 1, train)
+    start = jax.tree.map(lambda x: np.asarray(x)[:, 0], msg.adapters)
+    upd = update_vectors(jax.tree.map(lambda x: x[:, 0], new_params), start)
     np.testing.assert_allclose(cosine_similarity_matrix(upd)[0, 2], 1.0)
-    s2 = algo.aggregate(ctx, s1, plan, ctx.stack(new_params), 1)
-    assert s2["cluster_of"].tolist() == [0, 1, 0, 1]
+    assert s2.cluster_of.tolist() == [0, 1, 0, 1]
     for t in start:  # cluster 0 = (1 * client0 + 3 * client2) / 4
-        np.testing.assert_allclose(np.asarray(s2["adapters"][t]["b"][0]),
-                                   (new_params[t]["b"][0] + 3 * new_params[t]["b"][2]) / 4, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(s2["adapters"][t]["b"][1]),
-                                   (new_params[t]["b"][1] + new_params[t]["b"][3]) / 2, rtol=1e-5, atol=1e-6)
-    assert [ids.tolist() for ids in algo.route(ctx, s2, "local").adapter_ids] == [[0, 0], [1, 1], [0, 0], [1, 1]]
+        b = new_params[t]["b"][:, 0]
+        np.testing.assert_allclose(s2.adapters[t]["b"][0], (b[0] + 3 * b[2]) / 4, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s2.adapters[t]["b"][1], (b[1] + b[3]) / 2, rtol=1e-5, atol=1e-6)
+    assert np.asarray(route(m, env, clients, s2, inputs).ids).tolist() == [[0, 0], [1, 1], [0, 0], [1, 1]]
     # later rounds start each client from its cluster's adapter
-    p3 = algo.plan(ctx, s2, 2)
+    p3 = m.server_plan(env, s2, 2, np.arange(4))
     for t in start:
-        np.testing.assert_array_equal(np.asarray(p3.start.params[t]["b"][3]), np.asarray(s2["adapters"][t]["b"][1]))
+        np.testing.assert_array_equal(np.asarray(p3.adapters[t]["b"][3, 0]), s2.adapters[t]["b"][1])
+
+
+def test_fedcluster_client_absent_at_clustering_joins_later():
+    env, inputs = random_env((1, 1, 1, 1), ["fedcluster.n_clusters=2", "fedcluster.cluster_round=0"])
+    m, clients, server = setup("fedcluster", env, inputs)
+    rng = np.random.default_rng(2)
+    dirs = None
+
+    def train(start, who=(0, 1, 0, 1)):
+        nonlocal dirs
+        out = {}
+        for t, q in start.items():
+            if dirs is None or t not in dirs:
+                dirs = {**(dirs or {}), t: [rng.normal(size=np.asarray(q["b"]).shape[2:]) for _ in range(2)]}
+            out[t] = {"a": np.asarray(q["a"]) + 0.0,
+                      "b": np.stack([np.asarray(q["b"][p]) + dirs[t][who[p]] for p in range(len(who))])}
+        return out
+
+    *_, s1 = fake_round(m, env, inputs, clients, server, 0, train, arrived=[True, True, True, False])
+    assert s1.cluster_of.tolist()[:3] == [0, 1, 0] and s1.cluster_of[3] == -1
+    assert np.isnan(s1.similarity[3]).all() and np.isfinite(s1.similarity[:3, :3]).all()
+    # client 3 replies in round 1 moving along client 1's direction: it joins client 1's cluster
+    *_, s2 = fake_round(m, env, inputs, clients, s1, 1, lambda st: train(st, who=(1,)), participants=[3])
+    assert s2.cluster_of.tolist() == [0, 1, 0, 1]
 
 
 def test_feddpa_dynamic_weights_by_hand():
@@ -151,30 +160,30 @@ def test_feddpa_dynamic_weights_by_hand():
 def test_feddpa_eval_blend_is_the_hand_combination(mixing):
     test_emb = [np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), np.array([[0.0, 1.0]], np.float32)]
     train_emb = [np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[0.0, 2.0]], np.float32)]
-    ctx = make_ctx(sizes=(2, 1), overrides=[f"feddpa.mixing={mixing}", "feddpa.fixed_weight=0.7",
-                                            "feddpa.instance_num=0", "feddpa.train_weight=0.5"],
-                   test_emb=test_emb, train_emb=train_emb)
-    algo = get_algorithm("feddpa")
-    lora = filled(ctx, 3, [0, 0, 0], [0, 0, 0])  # replaced by random values below
-    keys = jax.random.split(jax.random.PRNGKey(5), 6)
-    params = {t: {"a": jax.random.normal(keys[i], q["a"].shape), "b": jax.random.normal(keys[i + 3], q["b"].shape)}
-              for i, (t, q) in enumerate(lora.params.items())}
-    state = {"global": jax.tree.map(lambda x: np.asarray(x[:1]), params),
-             "local": jax.tree.map(lambda x: np.asarray(x[1:]), params)}
-    ev = algo.route(ctx, state, "local")
+    env, inputs = make_env(train_emb, test_emb, ["lora.rank=2", "lora.targets=[q_proj, v_proj]",
+                                                 f"feddpa.mixing={mixing}", "feddpa.fixed_weight=0.7",
+                                                 "feddpa.instance_num=0", "feddpa.train_weight=0.5"])
+    m, clients, server = setup("feddpa", env, inputs)
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 8))
+    rand = lambda t: jax.tree.map(lambda x: np.asarray(jax.random.normal(next(keys), x.shape)), t)  # noqa: E731
+    server, clients = server.replace(adapters=rand(server.adapters)), clients.replace(adapters=rand(clients.adapters))
+    ev = eval_plan(m, env, SimState(server=server, clients=clients), inputs, "local")
     alpha = ([0.25, 0.5 / np.sqrt(2)], [0.5]) if mixing == "dynamic" else ([0.3, 0.3], [0.3])
-    for c in range(2):
+    for c in range(2):  # joint stack: [global | local of client 0 | local of client 1]
         np.testing.assert_array_equal(ev.adapter_ids[c], 0)
-        np.testing.assert_array_equal(ev.mix[c][0], 1 + c)
-        np.testing.assert_allclose(ev.mix[c][1], np.array(alpha[c]) / 0.5, rtol=1e-6)  # local / (1 - tw)
-        np.testing.assert_allclose(ev.mix[c][2], 1 - np.array(alpha[c]), rtol=1e-6)
+        np.testing.assert_array_equal(ev.mix_ids[c], 1 + c)
+        np.testing.assert_allclose(ev.mix_weight[c], np.array(alpha[c]) / 0.5, rtol=1e-6)  # local / (1 - tw)
+        np.testing.assert_allclose(ev.self_weight[c], 1 - np.array(alpha[c]), rtol=1e-6)
+    for t in server.adapters:
+        np.testing.assert_array_equal(np.asarray(ev.adapters.params[t]["a"][0]), server.adapters[t]["a"][0])
+        np.testing.assert_array_equal(np.asarray(ev.adapters.params[t]["b"][2]), clients.adapters[t]["b"][1])
     # blended adapter of client 0's second sample = (1 - a) * dW(G) + a / (1 - tw) * dW(L_0)
     ids = jnp.array([0, 0, 0]); other = jnp.array([1, 1, 2])
-    w = jnp.concatenate([jnp.asarray(ev.mix[0][1]), jnp.asarray(ev.mix[1][1])])
-    sw = jnp.concatenate([jnp.asarray(ev.mix[0][2]), jnp.asarray(ev.mix[1][2])])
+    w = jnp.concatenate([jnp.asarray(ev.mix_weight[0]), jnp.asarray(ev.mix_weight[1])])
+    sw = jnp.concatenate([jnp.asarray(ev.self_weight[0]), jnp.asarray(ev.self_weight[1])])
     blended = blend_per_sample(ev.adapters, ids, other, w, sw)
     a01, a1 = alpha[0][1], alpha[1][0]
-    for t in params:
+    for t in server.adapters:
         got = delta_weight(take(blended, 1), t)
         want = (1 - a01) * delta_weight(take(ev.adapters, 0), t) + a01 / 0.5 * delta_weight(take(ev.adapters, 1), t)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
@@ -183,28 +192,28 @@ def test_feddpa_eval_blend_is_the_hand_combination(mixing):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
-def test_feddpa_plan_slots_frozen_and_aggregate():
-    ctx = make_ctx(sizes=(1, 3), overrides=["feddpa.train_weight=0.25"])
-    algo = get_algorithm("feddpa")
-    state = algo.init(ctx, jax.random.PRNGKey(0))
-    state["global"] = jax.tree.map(lambda x: x + 1.0, state["global"])  # non-zero B
-    p0, p1 = algo.plan(ctx, state, 0), algo.plan(ctx, state, 1)
-    assert p0.slot_client.tolist() == p1.slot_client.tolist() == [0, 1, 0, 1]  # 2C slots every round
-    for t, g in state["global"].items():
-        fz = p0.frozen.params[t]
-        np.testing.assert_array_equal(np.asarray(fz["b"][:2]), 0.0)  # global slots: nothing frozen
-        np.testing.assert_allclose(np.asarray(fz["b"][2:]), 0.25 * np.repeat(g["b"], 2, 0))
-        np.testing.assert_array_equal(np.asarray(p0.start.params[t]["a"][:2]), np.repeat(g["a"], 2, 0))
-        np.testing.assert_array_equal(np.asarray(p0.start.params[t]["a"][2:]), state["local"][t]["a"])
-    trained = filled(ctx, 4, [1.0, 2.0, 5.0, 6.0], [4.0, -4.0, 7.0, 8.0])
-    s0 = algo.aggregate(ctx, state, p0, trained, 0)
-    np.testing.assert_allclose(leaf_values(s0["global"], "a"), [1.75])
-    np.testing.assert_allclose(leaf_values(s0["global"], "b"), [-2.0])
-    for t in state["local"]:  # round 1: the reference trains no local adapter yet
-        np.testing.assert_array_equal(s0["local"][t]["a"], state["local"][t]["a"])
-    s1 = algo.aggregate(ctx, state, p1, trained, 1)
-    np.testing.assert_array_equal(leaf_values(s1["local"], "a"), [5.0, 6.0])
-    np.testing.assert_array_equal(leaf_values(s1["local"], "b"), [7.0, 8.0])
+def test_feddpa_slots_frozen_and_aggregate():
+    env, inputs = random_env((1, 3), ["feddpa.train_weight=0.25"])
+    m, clients, server = setup("feddpa", env, inputs)
+    server = server.replace(adapters=jax.tree.map(lambda x: x + 1.0, server.adapters))  # non-zero B
+    for r in (0, 1):
+        msg = m.server_plan(env, server, r, np.arange(2))
+        start, frozen = m.client_slots(env, clients, msg)
+        assert np.asarray(m.client_pools(env, clients, msg, inputs)).sum(-1).tolist() == [[1, 1], [3, 3]]
+        for t, g in server.adapters.items():  # slot 0: global alone; slot 1: local on top of tw x global
+            np.testing.assert_array_equal(np.asarray(frozen[t]["b"][:, 0]), 0.0)
+            np.testing.assert_allclose(np.asarray(frozen[t]["b"][:, 1]), 0.25 * np.repeat(g["b"], 2, 0))
+            np.testing.assert_array_equal(np.asarray(start[t]["a"][:, 0]), np.repeat(g["a"], 2, 0))
+            np.testing.assert_array_equal(np.asarray(start[t]["a"][:, 1]), clients.adapters[t]["a"])
+    trained = lambda st: filled_like(st, [[1.0, 5.0], [2.0, 6.0]], [[4.0, 7.0], [-4.0, 8.0]])  # noqa: E731
+    _, _, rows0, reply, s0 = fake_round(m, env, inputs, clients, server, 0, trained)
+    np.testing.assert_allclose(leaf_values(s0.adapters, "a"), [1.75])
+    np.testing.assert_allclose(leaf_values(s0.adapters, "b"), [-2.0])
+    for t in clients.adapters:  # round 1: the reference trains no local adapter yet
+        np.testing.assert_array_equal(rows0.adapters[t]["a"], clients.adapters[t]["a"])
+    _, _, rows1, _, _ = fake_round(m, env, inputs, clients, server, 1, trained)
+    np.testing.assert_array_equal(leaf_values(rows1.adapters, "a"), [5.0, 6.0])
+    np.testing.assert_array_equal(leaf_values(rows1.adapters, "b"), [7.0, 8.0])
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -237,5 +246,5 @@ def test_smoke_run_through_runner(prepared, method, tmp_path):
     assert 0.0 <= res["rouge1"] <= 1.0
     assert len(res["local"]["per_client"]) == cfg.data.n_clients
     if method == "fedcluster":
-        assert sorted(set(np.asarray(out["state"]["cluster_of"]).tolist())) <= [0, 1]
-        assert np.isfinite(out["state"]["similarity"]).all()
+        assert sorted(set(np.asarray(out["state"].server.cluster_of).tolist())) <= [0, 1]
+        assert np.isfinite(out["state"].server.similarity).all()
