@@ -7,6 +7,7 @@ activation dtype.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Optional
 
 import jax
@@ -95,6 +96,70 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> 
     probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)) + bias, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+# `FEDROUTER_ATTENTION` (or `transformer(..., attention=...)`) picks the attention of a forward:
+#   auto             cuDNN flash attention for bf16/fp16 on a GPU, `dense` everywhere else
+#   dense            the bias-masked path (`attention`: the fused CPU kernel where it applies,
+#                    else `xla_attention`; FEDROUTER_FUSED_ATTENTION still chooses between them)
+#   cudnn            `jax.nn.dot_product_attention(implementation="cudnn")` (fails where cuDNN cannot)
+#   dot_product_xla  the same call and masking with implementation="xla" (how the CPU tests it)
+ATTENTION_IMPLS = ("auto", "dense", "cudnn", "dot_product_xla")
+SEQ_LENGTH_IMPLS = {"cudnn": "cudnn", "dot_product_xla": "xla"}  # name -> dot_product_attention's
+
+
+def attention_impl(setting: Optional[str], dtype, head_dim: int, decoding: bool) -> str:
+    """The attention a forward runs: "dense", "cudnn" or "dot_product_xla" (decided at trace time).
+
+    setting: one of ATTENTION_IMPLS, None reads `FEDROUTER_ATTENTION` (default auto). Decoding
+    (a kv cache; T new tokens, usually 1) always runs `dense`: the cache's key mask is not a
+    prefix, and a single query's scores are linear in S anyway. `auto` takes cuDNN only where it
+    is known to work: GPU, bf16 or fp16 activations, head dim a multiple of 8 up to 128.
+    """
+    if setting is None:
+        setting = os.environ.get("FEDROUTER_ATTENTION", "auto").strip().lower() or "auto"
+    if setting not in ATTENTION_IMPLS:
+        raise ValueError(f"FEDROUTER_ATTENTION / attention={setting!r}: expected one of {ATTENTION_IMPLS}")
+    if decoding or setting == "dense":
+        return "dense"
+    if setting != "auto":
+        return setting
+    flash_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if flash_ok else "dense"
+
+
+def real_tokens_first(mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A per-row permutation that moves each row's real tokens, in order, before its padding.
+
+    mask: [B, T] bool -> (order [B, T]: source index of each sorted slot; dest [B, T]: sorted
+    slot of each source token (the inverse); lengths [B] int32: real tokens per row). Causal
+    attention over real tokens is the same function before and after (their order is kept and
+    every padding key ends up behind every real query), so any mask becomes "the first
+    `lengths` tokens", which `jax.nn.dot_product_attention` takes as sequence lengths: no
+    [T, S] mask or bias, memory linear in T. Right-padded rows get the identity.
+    """
+    m = mask.astype(bool)
+    n_real = m.sum(axis=-1, dtype=jnp.int32)
+    dest = jnp.where(m, jnp.cumsum(m, axis=-1, dtype=jnp.int32) - 1,
+                     n_real[:, None] + jnp.cumsum(~m, axis=-1, dtype=jnp.int32) - 1)
+    rows = jnp.arange(m.shape[0])[:, None]
+    order = jnp.zeros_like(dest).at[rows, dest].set(jnp.arange(m.shape[1], dtype=jnp.int32)[None, :])
+    return order, dest, n_real
+
+
+def attention_by_lengths(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                         implementation: str) -> jax.Array:
+    """Causal GQA over each row's first `lengths` tokens (`real_tokens_first` order).
+
+    q: [B, T, H, hd], k, v: [B, T, K, hd], lengths: [B] -> [B, T, H, hd]; queries past a row's
+    length get 0 (padding: unspecified in every path). `implementation`: "cudnn" (flash
+    attention: scores never materialised, softmax in float32 inside the kernel) or "xla".
+    A row of padding only is given length 1, so no row is empty.
+    """
+    n = jnp.maximum(lengths, 1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n,
+                                        implementation=implementation)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:

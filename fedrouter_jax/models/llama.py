@@ -8,6 +8,7 @@ The parameter layout is in docs/CONVENTIONS.md. LoRA enters as a `LoraStack` tha
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import jax
@@ -15,8 +16,10 @@ import jax.numpy as jnp
 
 from fedrouter_jax.lora import LoraStack
 from fedrouter_jax.models.config import LlamaConfig
-from fedrouter_jax.models.layers import (apply_rope, attention, attention_bias, rms_norm, rope_cos_sin,
-                                         rope_inv_freq, swiglu)
+from fedrouter_jax.models.layers import (SEQ_LENGTH_IMPLS, apply_rope, attention_bias, attention_by_lengths,
+                                         attention_impl, real_tokens_first, rms_norm, rope_cos_sin, rope_inv_freq,
+                                         swiglu)
+from fedrouter_jax.models.layers import attention as dense_attention
 
 _LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
 
@@ -86,13 +89,17 @@ def _lora_layers(lora: Optional[LoraStack], adapter_ids: Optional[jax.Array]):
 
 @jax.custom_vjp
 def _lora_delta(h, a, b):
-    """`(h @ a) @ b` for h: [..., d_in], a: [d_in, R], b: [R, d_out] (one adapter)."""
-    return (h @ a) @ b
+    """`(h @ a) @ b` in h's dtype for h: [..., d_in], a: [d_in, R], b: [R, d_out] (one adapter).
+
+    a, b keep their own dtype (float32 in training) and are cast to h's inside, so with a bf16
+    base the products run in bf16 while the gradients of a and b come back float32, summed over
+    the tokens in float32."""
+    return (h @ a.astype(h.dtype)) @ b.astype(h.dtype)
 
 
 def _lora_delta_fwd(h, a, b):
-    u = h @ a
-    return u @ b, (h, a, b, u)
+    u = h @ a.astype(h.dtype)
+    return u @ b.astype(h.dtype), (h, a, b, u)
 
 
 def _lora_delta_bwd(res, g):
@@ -101,12 +108,12 @@ def _lora_delta_bwd(res, g):
     only the [tokens, R] operand, never a [tokens, d] activation (autodiff's `h^T @ gu` made
     XLA:CPU copy-transpose h and g for every target of every layer)."""
     h, a, b, u = res
-    gu = g @ b.T  # [..., R]
-    dh = gu @ a.T
+    gu = g @ b.astype(h.dtype).T  # [..., R]
+    dh = gu @ a.astype(h.dtype).T
     hf, gf = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     uf, guf = u.reshape(-1, u.shape[-1]), gu.reshape(-1, gu.shape[-1])
-    da = jnp.einsum("tr,ti->ri", guf, hf).T
-    db = jnp.einsum("tr,to->ro", uf, gf)
+    da = jnp.einsum("tr,ti->ri", guf, hf, preferred_element_type=jnp.float32).T
+    db = jnp.einsum("tr,to->ro", uf, gf, preferred_element_type=jnp.float32)
     return dh, da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -167,16 +174,16 @@ def _project(h, w, lora_layer, name, scale, gate):
         return _merged_lora_project(h, w, a.astype(w.dtype), b.astype(w.dtype), jnp.asarray(scale, w.dtype))
     y = h @ w
     if a.ndim == 2:  # one adapter for the whole batch
-        delta = _lora_delta(h, a.astype(h.dtype), b.astype(h.dtype))
+        delta = _lora_delta(h, a, b)
     else:  # a: [B, d_in, R], b: [B, R, d_out]
         delta = jnp.einsum("btr,bro->bto", jnp.einsum("btd,bdr->btr", h, a.astype(h.dtype)), b.astype(h.dtype))
         delta = delta * gate.astype(h.dtype)[:, None, None]
     return y + (scale * delta).astype(y.dtype)
 
 
-def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, cache=None, cache_index=None):
-    """One decoder layer. x: [B, T, D]; bias: `attention_bias` [B, 1, 1, T, S];
-    cache: (k, v) each [B, S, K, hd] written at cache_index."""
+def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, cache=None, cache_index=None):
+    """One decoder layer. x: [B, T, D]; attend: (q [B, T, H, hd], k, v [B, S, K, hd]) -> [B, T, H, hd]
+    with the forward's mask applied; cache: (k, v) each [B, S, K, hd] written at cache_index."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     proj = lambda h, name: _project(h, layer[name], lora_layer, name, scale, gate)
@@ -187,7 +194,7 @@ def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, cache=None, c
     if cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-    o = attention(q, k, v, bias).reshape(b, t, cfg.num_attention_heads * hd)
+    o = attend(q, k, v).reshape(b, t, cfg.num_attention_heads * hd)
     x = x + proj(o, "o_proj")
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
     x = x + proj(swiglu(proj(h, "gate_proj"), proj(h, "up_proj")), "down_proj")
@@ -239,6 +246,7 @@ def transformer(
     remat: bool = False,
     layer_loop: str = "scan",
     rope: Optional[tuple] = None,
+    attention: Optional[str] = None,
 ):
     """Final-normed hidden states `[B, T, D]` (and the kv cache `[L, B, S, K, hd]` x2 if asked).
 
@@ -250,15 +258,28 @@ def transformer(
     same function up to float32 rounding (XLA fuses the unrolled program differently); training
     uses "auto", inference the scan. `rope`: this batch's `rope_tables` computed by the caller
     (see `training.local_steps`); None computes them here.
+    `attention`: `layers.ATTENTION_IMPLS` (None: `FEDROUTER_ATTENTION`, default auto). On the
+    sequence-length paths (cuDNN flash attention) each row's real tokens are moved in front of
+    its padding first (`layers.real_tokens_first`) and the outputs moved back: same function, no
+    [T, S] mask. Outputs at padded positions are unspecified on every path.
     """
     cos, sin = rope_tables(mask, cfg, positions) if rope is None else rope
     t = tokens.shape[1]
-    if cache is None:
-        q_idx, k_idx, kmask = jnp.arange(t), jnp.arange(t), mask
+    impl = attention_impl(attention, params["embed"].dtype, cfg.head_dim, decoding=cache is not None)
+    dest = None
+    if impl == "dense":
+        if cache is None:
+            q_idx, k_idx, kmask = jnp.arange(t), jnp.arange(t), mask
+        else:
+            s = cache[0].shape[2]
+            q_idx, k_idx, kmask = cache_index + jnp.arange(t), jnp.arange(s), key_mask
+        bias = attention_bias((k_idx[None, None, :] <= q_idx[None, :, None]) & kmask[:, None, :].astype(bool))
+        attend = lambda q, k, v: dense_attention(q, k, v, bias)  # noqa: E731
     else:
-        s = cache[0].shape[2]
-        q_idx, k_idx, kmask = cache_index + jnp.arange(t), jnp.arange(s), key_mask
-    bias = attention_bias((k_idx[None, None, :] <= q_idx[None, :, None]) & kmask[:, None, :].astype(bool))
+        order, dest, lengths = real_tokens_first(mask)
+        tokens = jnp.take_along_axis(tokens, order, axis=1)
+        cos, sin = (jnp.take_along_axis(c, order[..., None], axis=1) for c in (cos, sin))
+        attend = partial(attention_by_lengths, lengths=lengths, implementation=SEQ_LENGTH_IMPLS[impl])
 
     x = params["embed"][tokens]
     lora_xs, gate = _lora_layers(lora, adapter_ids)
@@ -266,7 +287,7 @@ def transformer(
 
     def body(x, xs):
         layer, lora_layer, layer_cache = xs
-        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, bias, layer_cache, cache_index)
+        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, layer_cache, cache_index)
         return x, (kv if (return_cache or cache is not None) else None)
 
     if remat:
@@ -281,6 +302,10 @@ def transformer(
     else:
         x, kv = jax.lax.scan(body, x, xs)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if dest is not None:  # back to the caller's token order (kv: [L, B, S, K, hd])
+        x = jnp.take_along_axis(x, dest[..., None], axis=1)
+        if kv is not None:
+            kv = jax.tree.map(lambda a: jnp.take_along_axis(a, dest[None, :, :, None, None], axis=2), kv)
     return (x, kv) if (return_cache or cache is not None) else x
 
 
@@ -301,10 +326,11 @@ def apply(
     remat: bool = False,
     layer_loop: str = "scan",
     rope: Optional[tuple] = None,
+    attention: Optional[str] = None,
 ) -> jax.Array:
     """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]` (other arguments: `transformer`)."""
     hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat,
-                         layer_loop=layer_loop, rope=rope)
+                         layer_loop=layer_loop, rope=rope, attention=attention)
     return lm_head(params, hidden, cfg)
 
 
