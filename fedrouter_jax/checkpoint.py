@@ -295,6 +295,12 @@ class CheckpointStore:
         self._note_skipped(skipped, step)
         return step
 
+    def is_damaged(self, step: int) -> bool:
+        """True for a step this store marked complete whose contents no longer verify (a step
+        without our manifest is an interrupted save, not damage)."""
+        step_dir = self.directory / str(int(step))
+        return _read_marker(step_dir) is not None and _content_problem(step_dir) is not None
+
     def _note_skipped(self, skipped: list[tuple[int, str]], used: int | None) -> None:
         self.skipped = skipped
         for bad, why in skipped:
@@ -439,6 +445,23 @@ class CheckpointStore:
             return out
         self._note_skipped(skipped, None)
         raise self._no_usable(skipped)
+
+    def read_extra(self, step: int) -> dict:
+        """The verified `extra` dict of `step` alone (the state is not read into memory)."""
+        step_dir = self.directory / str(int(step))
+        problem = _content_problem(step_dir)
+        if problem is None:
+            self._mngr.reload()
+            try:
+                extra = self._mngr.restore(int(step), args=ocp.args.Composite(
+                    **{EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
+            except Exception as e:  # noqa: BLE001
+                problem = f"Orbax could not read it: {type(e).__name__}"
+            else:
+                if _extra_sha256(extra) == _read_marker(step_dir).get("extra_sha256"):
+                    return extra
+                problem = "extra (history / metadata) does not match its sha256"
+        raise CheckpointError(f"{step_dir}: step {step} is not a usable checkpoint ({problem})")
 
     def _restore_verified(self, step: int, like: Any) -> tuple[Any, dict] | str:
         """(state, extra) when the files and the restored contents verify; else the problem."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -66,6 +67,7 @@ LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
 EMBEDDED_MODEL = "embedded"
+ROUTER_MODES: tuple[str, ...] = ("local", "global")  # eval.router / eval.router_modes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +373,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan pass YAML but break training at round 1
+                errors.append(f"{path}: expected a finite number, got {value!r}")
+                return None
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -594,6 +599,7 @@ def validate(cfg: FedRouterConfig) -> None:
 
     m, lo, d, t, c = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.clustering
     need(bool(cfg.out_dir), "out_dir: expected a non-empty directory path")
+    need(cfg.seed >= 0, f"seed: expected an integer >= 0, got {cfg.seed}")
 
     if (msg := _check_model_path(m.path)) is not None:
         e.append(msg)
@@ -648,6 +654,37 @@ def validate(cfg: FedRouterConfig) -> None:
              f"train.client_mesh_devices: data.n_clients ({d.n_clients}) must be divisible by "
              f"the number of devices the client axis is sharded over ({t.client_mesh_devices})")
 
+    # Each method's own section is checked only when that method runs (item: a valid fedrouter
+    # run must not be refused over fedcluster's defaults).
+    if cfg.method in ("fedrouter", "fedrouter_star"):
+        _validate_clustering(cfg, need)
+    ev = cfg.eval
+    need(ev.max_new_tokens >= 1, f"eval.max_new_tokens: expected >= 1, got {ev.max_new_tokens}")
+    need(ev.max_new_tokens < m.max_seq_len,
+         f"eval.max_new_tokens: expected < model.max_seq_len ({m.max_seq_len}), got "
+         f"{ev.max_new_tokens}")
+    need(ev.batch_size >= 1, f"eval.batch_size: expected >= 1, got {ev.batch_size}")
+    need(ev.every >= 0, f"eval.every: expected >= 0 (0 = only at the end), got {ev.every}")
+
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep: expected >= 1, got {cfg.checkpoint.keep}")
+    need(cfg.checkpoint.every >= 0,
+         f"checkpoint.every: expected >= 0 (0 = never), got {cfg.checkpoint.every}")
+
+    if cfg.method == "fedcluster":
+        _validate_fedcluster(cfg, need)
+    if cfg.method == "feddpa":
+        _validate_feddpa(cfg, need)
+    for i, mode in enumerate(ev.router_modes):
+        need(mode in ROUTER_MODES, f"eval.router_modes[{i}]: {mode!r} is not a routing mode; expected one of "
+                                   + ", ".join(ROUTER_MODES) + _suggest(mode, ROUTER_MODES))
+
+    if e:
+        raise ConfigError(_join(e))
+
+
+def _validate_clustering(cfg: FedRouterConfig, need) -> None:
+    """clustering.*: used by fedrouter and fedrouter_star only."""
+    c, d = cfg.clustering, cfg.data
     need(c.k_min >= 2, f"clustering.k_min: expected >= 2 (silhouette needs 2+ clusters), "
                        f"got {c.k_min}")
     need(c.k_min <= c.k_max,
@@ -671,25 +708,18 @@ def validate(cfg: FedRouterConfig) -> None:
     need(-1.0 <= c.min_silhouette <= 1.0,
          f"clustering.min_silhouette: expected in [-1, 1], got {c.min_silhouette}")
 
-    ev = cfg.eval
-    need(ev.max_new_tokens >= 1, f"eval.max_new_tokens: expected >= 1, got {ev.max_new_tokens}")
-    need(ev.max_new_tokens < m.max_seq_len,
-         f"eval.max_new_tokens: expected < model.max_seq_len ({m.max_seq_len}), got "
-         f"{ev.max_new_tokens}")
-    need(ev.batch_size >= 1, f"eval.batch_size: expected >= 1, got {ev.batch_size}")
-    need(ev.every >= 0, f"eval.every: expected >= 0 (0 = only at the end), got {ev.every}")
 
-    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep: expected >= 1, got {cfg.checkpoint.keep}")
-    need(cfg.checkpoint.every >= 0,
-         f"checkpoint.every: expected >= 0 (0 = never), got {cfg.checkpoint.every}")
-
-    fc = cfg.fedcluster
+def _validate_fedcluster(cfg: FedRouterConfig, need) -> None:
+    fc, d, t = cfg.fedcluster, cfg.data, cfg.train
     need(1 <= fc.n_clusters <= d.n_clients,
          f"fedcluster.n_clusters: expected in [1, data.n_clients={d.n_clients}], got "
          f"{fc.n_clusters}")
     need(0 <= fc.cluster_round <= t.rounds,
          f"fedcluster.cluster_round: expected in [0, train.rounds={t.rounds}], got "
          f"{fc.cluster_round}")
+
+
+def _validate_feddpa(cfg: FedRouterConfig, need) -> None:
     need(0.0 <= cfg.feddpa.fixed_weight <= 1.0,
          f"feddpa.fixed_weight: expected in [0, 1], got {cfg.feddpa.fixed_weight}")
     need(0.0 <= cfg.feddpa.train_weight < 1.0,
@@ -698,6 +728,3 @@ def validate(cfg: FedRouterConfig) -> None:
          f"feddpa.max_weight: expected in [0, 1], got {cfg.feddpa.max_weight}")
     need(cfg.feddpa.instance_num >= 0,
          f"feddpa.instance_num: expected >= 0 (0 = all training samples), got {cfg.feddpa.instance_num}")
-
-    if e:
-        raise ConfigError(_join(e))

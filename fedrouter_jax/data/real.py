@@ -297,10 +297,39 @@ def _data_files(task_dir: Path, split: str) -> list[Path]:
     return files
 
 
+def _cause_chain(e: BaseException) -> list[BaseException]:
+    """e and its causes, outermost first: `datasets` wraps parse errors in a generic "An error
+    occurred while generating the dataset" that names neither the file nor the problem."""
+    chain, seen = [e], {id(e)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        chain.append(nxt)
+    return [c for c in chain if not isinstance(c, StopIteration)] or chain
+
+
+def _why(e: BaseException) -> str:
+    """The innermost informative cause in one line."""
+    import json
+
+    chain = _cause_chain(e)
+    for c in chain:
+        if isinstance(c, UnicodeDecodeError):
+            return f"not UTF-8 text (byte {c.start}: {c.reason})"
+        if isinstance(c, json.JSONDecodeError):
+            return f"invalid or truncated JSON (line {c.lineno} column {c.colno}: {c.msg})"
+    root = chain[-1]
+    text = " ".join(str(root).split()) or type(root).__name__
+    return f"{type(root).__name__}: {text[:300]}"
+
+
 def _load_disk(path: Path, split: str):
     import datasets
 
-    obj = datasets.load_from_disk(str(path))
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - truncated state.json / .arrow files raise raw errors
+        raise DataError(f"{path}: cannot be read as a datasets save_to_disk directory ({_why(e)}); "
+                        "save it again (Dataset.save_to_disk)") from None
     if isinstance(obj, datasets.DatasetDict):
         if split not in obj:
             raise DataError(f"{path}: no split {split!r} (have {list(obj)})")
@@ -314,8 +343,8 @@ def _load_file(path: Path, cache_dir):
     try:
         return datasets.load_dataset(_EXTS[path.suffix], data_files=str(path), split="train",
                                      cache_dir=None if cache_dir is None else str(cache_dir))
-    except Exception as e:  # a parse error: name the file
-        raise DataError(f"{path}: cannot be read as {_EXTS[path.suffix]}: {e}") from e
+    except Exception as e:  # a parse error: name the file and the real cause
+        raise DataError(f"{path}: cannot be read as {_EXTS[path.suffix]}: {_why(e)}") from None
 
 
 def load_real_task(task: str, data_dir: str | Path | None = None, *, split: str = "train",
@@ -371,7 +400,10 @@ def load_real_task(task: str, data_dir: str | Path | None = None, *, split: str 
     examples, skipped = [], 0
     for name, src in sources:
         rows = _load_file(src, cache_dir) if isinstance(src, Path) else src
-        ex, k = convert_rows(rows, task, source=name, style=style, skip_invalid=skip_invalid)
+        try:
+            ex, k = convert_rows(rows, task, source=name, style=style, skip_invalid=skip_invalid)
+        except (UnicodeDecodeError, OSError) as e:  # decoded lazily, row by row
+            raise DataError(f"{name}: cannot be read: {_why(e)}") from None
         examples += ex
         skipped += k
         if max_examples is not None and len(examples) >= max_examples:

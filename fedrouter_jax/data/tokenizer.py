@@ -82,3 +82,36 @@ def load_tokenizer(directory: str | Path):
         if getattr(tok, name) is None:
             raise ValueError(f"tokenizer in {directory} has no {name} (expected {want!r})")
     return tok
+
+
+def load_model_tokenizer_file(model_dir: str | Path):
+    """The `tokenizers.Tokenizer` of a model directory's ``tokenizer.json`` (no sentencepiece
+    fallback: a missing or broken file is an error naming it)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the model directory needs the fast tokenizer file "
+                                "tokenizer.json (save the tokenizer with save_pretrained)")
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises untyped errors
+        raise ValueError(f"{path}: not a tokenizer file ({str(e).splitlines()[0][:200]})") from None
+
+
+def check_tokenizer_vocab(tokenizer, vocab_size: int, model_dir: str | Path) -> None:
+    """Every token id must index the model's embedding: ids >= config.json's vocab_size would
+    read past it (NaN / garbage losses that look like a too-high learning rate)."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True) if hasattr(tokenizer, "get_vocab_size") else len(tokenizer)
+    if n > vocab_size:
+        raise ValueError(f"{Path(model_dir) / 'tokenizer.json'}: the tokenizer has {n} tokens but "
+                         f"{Path(model_dir) / 'config.json'} says vocab_size={vocab_size}; use the tokenizer "
+                         "saved with this model")

@@ -3,10 +3,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 _ROPE_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_types(d: Mapping[str, Any], source: str) -> None:
+    """config.json values as HF writes them: positive ints (not "4" or 4.0), finite numbers,
+    rope_scaling / rope_parameters a mapping or null. Raises ValueError naming the file and key."""
+    for k in _INT_KEYS:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{source}: {k}: expected a positive integer, got {v!r} ({type(v).__name__})")
+    for k in _FLOAT_KEYS:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{source}: {k}: expected a positive finite number, got {v!r} ({type(v).__name__})")
+    for k in ("rope_scaling", "rope_parameters"):
+        v = d.get(k)
+        if v is not None and not isinstance(v, Mapping):
+            raise ValueError(f"{source}: {k}: expected a mapping (or null), got {v!r:.60} ({type(v).__name__})")
+        for rk, rv in (v or {}).items():
+            if rk not in ("rope_type", "type") and rk in _ROPE_KEYS + ("rope_theta",) and (
+                    isinstance(rv, bool) or not isinstance(rv, (int, float)) or not math.isfinite(rv)):
+                raise ValueError(f"{source}: {k}.{rk}: expected a finite number, got {rv!r} ({type(rv).__name__})")
+    for k in ("bos_token_id", "pad_token_id"):
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{source}: {k}: expected an integer or null, got {v!r} ({type(v).__name__})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +92,7 @@ class LlamaConfig:
                                "num_attention_heads") if k not in d]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
+        _check_types(d, source)
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = {k: rope[k] for k in _ROPE_KEYS if k in rope}
@@ -94,9 +124,15 @@ class LlamaConfig:
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json (expected an HF Llama directory)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:
