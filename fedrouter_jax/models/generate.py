@@ -17,7 +17,7 @@ from fedrouter_jax.models import llama
 from fedrouter_jax.models.config import LlamaConfig
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id"))
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "attention"))
 def greedy_generate(
     params: dict,
     prompt_tokens: jax.Array,
@@ -29,16 +29,20 @@ def greedy_generate(
     max_new_tokens: int,
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
+    attention: Optional[str] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Greedy continuation of left-padded prompts.
 
     prompt_tokens, prompt_mask: [B, P]; adapter_ids: [B] (with a stack) -> (tokens [B, N] int32
-    with `pad_id` after EOS, lengths [B] = tokens before and excluding EOS).
+    with `pad_id` after EOS, lengths [B] = tokens before and excluding EOS). `attention`: the
+    prompt's forward (`llama.transformer`; None = `FEDROUTER_ATTENTION`); decoding steps attend
+    the cache densely.
     """
     b, p = prompt_tokens.shape
     n = max_new_tokens
     hidden, (k, v) = llama.transformer(
-        params, prompt_tokens, prompt_mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, return_cache=True
+        params, prompt_tokens, prompt_mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, return_cache=True,
+        attention=attention,
     )
     pad = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]  # [L, B, S, K, hd]: room for N new tokens
     cache = (jnp.pad(k, pad), jnp.pad(v, pad))
