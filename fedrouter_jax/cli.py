@@ -88,7 +88,7 @@ def _load_finished(out_dir: str, overrides=()):
                         where=str(Path(out_dir) / "config.yaml"), step=step)
     print(f"[checkpoint] using round {step} of {store.directory}")
     run = Run(cfg, progress=False)
-    run.state, _ = run.restore(store, step)
+    run.state = run.restore(store, step)[0]
     return run, step
 
 
@@ -177,8 +177,8 @@ def _expected_errors() -> tuple[type, ...]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _one_line_warning
     expected = _expected_errors()
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.fn(args)
     except expected as e:
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
             msg += f" (config: {getattr(args, 'config', None) or Path(args.out_dir) / 'config.yaml'})"
         print(f"fedrouter-jax: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -523,3 +523,59 @@ def test_fuzz_every_config_leaf(model_dir, tmp_path, monkeypatch):
     assert accepted_values == []
     assert checked > 200
     assert not (tmp_path / "fuzz").exists()  # nothing left on disk
+
+
+# ----------------------------------------------------------------------------- disk full, kill mid-restore
+
+
+def test_disk_full_during_save_keeps_the_previous_step_and_saves_again(tmp_path, monkeypatch):
+    import errno
+
+    import fedrouter_jax.checkpoint as ck
+
+    store = _store_with_steps(tmp_path, steps=(1,))
+
+    def full(root):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root))
+
+    monkeypatch.setattr(ck, "_fsync_and_hash_tree", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(2, _state(2), _extra(2))
+    monkeypatch.undo()
+    reader = CheckpointStore(tmp_path, read_only=True)
+    with pytest.warns(CheckpointWarning, match="step 2 skipped"):
+        assert reader.latest_step() == 1  # progress kept: round 1, not from scratch
+    with pytest.warns(CheckpointWarning, match="moved to"):
+        CheckpointStore(tmp_path, keep=5).save(2, _state(2), _extra(2))  # space freed: save round 2 again
+    state, extra = CheckpointStore(tmp_path, read_only=True).restore()
+    _assert_equal_trees(state, _state(2))
+    assert extra == _extra(2)
+
+
+_RESTORE_LOOP = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from fedrouter_jax.checkpoint import CheckpointStore
+store = CheckpointStore(sys.argv[1], keep=5)  # a writer, as the runner opens it
+while True:
+    store.restore()
+    print("restored", flush=True)
+"""
+
+
+def test_kill_during_restore_changes_nothing(tmp_path):
+    _store_with_steps(tmp_path, steps=(1, 2))
+    before = _tree(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", _RESTORE_LOOP, str(tmp_path), str(ROOT)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert child.stdout.readline().strip() == "restored"
+        child.send_signal(signal.SIGKILL)  # somewhere inside the next restore
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert _tree(tmp_path) == before
+    reader = CheckpointStore(tmp_path, read_only=True)
+    assert reader.latest_step() == 2 and reader.verify(1) is None
