@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional
 
-import jax.numpy as jnp
+import jax
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, which safetensors' np framework needs
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -33,17 +34,12 @@ _INDEX, _SINGLE = "model.safetensors.index.json", "model.safetensors"
 # A safetensors mapping keeps every page it has read resident until the file is closed, so the
 # reader reopens a file after this many bytes: the host then holds the loaded weights plus at
 # most this window, not the weights plus the whole file.
-READ_WINDOW_BYTES = 256 << 20
+READ_WINDOW_BYTES = 64 << 20
+CHUNK_ELEMENTS = 4 << 20  # rows read at a time: the only transient copy besides the window
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint whose tensors do not match the config (names the tensor, file and shapes)."""
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as numpy arrays (small files: tests, adapters)."""
-    reader = _FileReader(Path(path))
-    return dict(reader.tensors(reader.names()))
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
@@ -95,14 +91,15 @@ def _check_names(names: dict[str, Path], expected: dict, cfg: LlamaConfig, where
 
 
 class _FileReader:
-    """Lazily opened tensors of one `.safetensors` file, read in bounded windows.
+    """Lazily opened tensors of one `.safetensors` file, read in row chunks and bounded windows.
 
-    The header is parsed when first needed (`names` or `tensors`) and that open file is used for
-    the first window; the file is reopened only to release a window of `READ_WINDOW_BYTES`.
+    The header is parsed when first needed (`names` or `tensors`) and that open file serves the
+    first window; the file is reopened only to release a window of `READ_WINDOW_BYTES` (also
+    inside a tensor larger than that, e.g. a 128k-token embedding).
     """
 
     def __init__(self, path: Path):
-        self.path, self._file = path, None
+        self.path, self._file, self._read = path, None, 0
 
     def _reopen(self):
         self.close()
@@ -112,6 +109,7 @@ class _FileReader:
             raise CheckpointFormatError(f"{self.path}: not a readable safetensors file ({err})") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: file does not exist") from None
+        self._read = 0
         return self._file
 
     def close(self) -> None:
@@ -122,32 +120,53 @@ class _FileReader:
     def names(self) -> list[str]:
         return list((self._file or self._reopen()).keys())
 
-    def tensors(self, names) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, array) for each of `names`, in order; closes the file at the end."""
-        f, read = self._file or self._reopen(), 0
+    def _slice(self, name: str):
+        try:
+            return self._file.get_slice(name)
+        except safetensors.SafetensorError as err:
+            if name not in self._file.keys():
+                raise CheckpointFormatError(f"{self.path}: missing tensor {name!r}") from None
+            raise CheckpointFormatError(f"{self.path}: tensor {name!r} is unreadable ({err})") from None
+
+    def tensors(self, names) -> Iterator[tuple[str, tuple, Iterator[tuple[int, np.ndarray]]]]:
+        """(name, shape, chunks) for each of `names`, in order; `chunks` yields (first row, rows)
+        of at most `CHUNK_ELEMENTS` and must be consumed before the next name. Closes the file."""
+        if self._file is None:
+            self._reopen()
         try:
             for name in names:
-                if read >= READ_WINDOW_BYTES:
-                    f, read = self._reopen(), 0
-                try:
-                    arr = f.get_tensor(name)
-                except safetensors.SafetensorError as err:
-                    if name not in f.keys():
-                        raise CheckpointFormatError(f"{self.path}: missing tensor {name!r}") from None
-                    raise CheckpointFormatError(f"{self.path}: tensor {name!r} is unreadable ({err})") from None
-                read += arr.nbytes
-                yield name, arr
+                part = self._slice(name)
+                yield name, tuple(part.get_shape()), self._chunks(name, part)
         finally:
             self.close()
+
+    def _chunks(self, name: str, part) -> Iterator[tuple[int, np.ndarray]]:
+        shape = part.get_shape()
+        n_rows = shape[0] if shape else 1
+        step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:]))))
+        for start in range(0, n_rows, step):
+            if self._read >= READ_WINDOW_BYTES:
+                self._reopen()
+                part = self._slice(name)
+            rows = part[start:min(start + step, n_rows)] if shape else part[...]
+            self._read += rows.nbytes
+            yield start, rows
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one `.safetensors` file as numpy arrays (small files: tests, adapters)."""
+    reader = _FileReader(Path(path))
+    return {name: np.concatenate([rows for _, rows in chunks]) if shape else next(chunks)[1]
+            for name, shape, chunks in reader.tensors(reader.names())}
 
 
 def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
     """Load HF safetensors weights into our stacked layout (layer leaves `[L, ...]`).
 
     `dtype=None` keeps the file's dtype. Each tensor is cast and transposed into its place in a
-    preallocated array of the target dtype, file by file, so peak host memory is the weights in
-    that dtype plus one read window (`READ_WINDOW_BYTES`); on CPU the arrays become `jax.Array`s
-    without a further copy.
+    preallocated array of the target dtype, a few rows at a time, file by file, so peak host
+    memory is the weights in that dtype plus one read window (`READ_WINDOW_BYTES`); on CPU the
+    arrays become `jax.Array`s without a further copy.
     """
     directory = Path(directory)
     expected = _hf_name_map(cfg)
@@ -172,30 +191,41 @@ def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
     out: dict = {"layers": {}}
     for path, names in by_file.items():
         reader = readers.get(path) or _FileReader(path)
-        for name, arr in reader.tensors(names):
+        for name, hf_shape, chunks in reader.tensors(names):
             key, transpose = expected[name]
             want = shapes[key[0]] if len(key) == 1 else shapes["layers"][key[1]][1:]
-            got = arr.shape[::-1] if transpose else arr.shape
-            if tuple(got) != tuple(want):
+            if tuple(hf_shape[::-1] if transpose else hf_shape) != tuple(want):
                 hf_want = tuple(want[::-1]) if transpose else tuple(want)
                 raise CheckpointFormatError(
-                    f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} from config.json"
+                    f"{path}: tensor {name!r} has shape {hf_shape}, expected {hf_want} from config.json"
                 )
-            value = arr.T if transpose else arr
-            if len(key) == 1:
-                out[key[0]] = np.ascontiguousarray(value, dtype=dtype or arr.dtype)
-            else:
-                layers = out["layers"]
-                if key[1] not in layers:  # pages cost no memory until written
-                    layers[key[1]] = np.empty(shapes["layers"][key[1]], dtype or arr.dtype)
-                layers[key[1]][key[2]] = value
+            group, leaf = (out, key[0]) if len(key) == 1 else (out["layers"], key[1])
+            for start, rows in chunks:
+                if leaf not in group:  # pages cost no memory until written
+                    group[leaf] = _aligned_empty(shapes[leaf] if len(key) == 1 else shapes["layers"][leaf],
+                                                 dtype or rows.dtype)
+                place = group[leaf] if len(key) == 1 else group[leaf][key[2]]
+                if transpose:  # HF [out, in] rows are our [in, out] columns
+                    place[:, start:start + len(rows)] = rows.T
+                else:
+                    place[start:start + len(rows)] = rows
     return _to_jax(out)
 
 
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """`np.empty` on a 64-byte boundary, which XLA's CPU client can adopt without a copy."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 def _to_jax(tree: dict) -> dict:
-    """numpy leaves -> jax.Arrays, dropping each numpy array once converted (where the backend
-    copies, only one leaf is ever held twice)."""
-    return {k: _to_jax(tree.pop(k)) if isinstance(tree[k], dict) else jnp.asarray(tree.pop(k)) for k in list(tree)}
+    """numpy leaves -> jax.Arrays: adopted in place on CPU (`may_alias`; nothing writes them
+    afterwards), copied to the device elsewhere, each numpy array dropped once converted."""
+    return {k: _to_jax(tree.pop(k)) if isinstance(tree[k], dict) else jax.device_put(tree.pop(k), may_alias=True)
+            for k in list(tree)}
 
 
 def load_pretrained(path: str | Path, dtype=None) -> tuple[LlamaConfig, dict]:
