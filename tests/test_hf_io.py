@@ -255,3 +255,43 @@ def test_model_fingerprint_is_content_stable_bounded_and_computed_once(tmp_path,
     cfg, params = hf_io.load_pretrained(tmp_path / "a")
     hf_io.save_pretrained(tmp_path / "a", cfg, jax.tree.map(lambda x: np.asarray(x) * 1.5, params))
     assert embeddings.model_fingerprint(tmp_path / "a") != fp
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+
+def test_load_peft_reads_peft_own_files_and_inverts_export_peft(tmp_path):
+    """An adapter saved by `peft` itself loads into ours with the same logits; export_peft then
+    load_peft gives back the exact factors."""
+    peft = pytest.importorskip("peft")
+    from fedrouter_jax import forward
+    from fedrouter_jax.lora import stack_adapters
+
+    model = make_hf_model(tmp_path / "base", tie=False, rope=LLAMA3_ROPE)
+    lc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    pm = peft.get_peft_model(model, lc)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # PEFT's B = 0 would hide a wrong layout
+    pm.save_pretrained(tmp_path / "peft")
+    single = hf_io.load_peft(tmp_path / "peft")
+    assert sorted(single.targets) == ["down_proj", "q_proj", "v_proj"] and single.alpha == 8.0
+    assert single.params["down_proj"]["a"].shape == (2, 96, 4) and single.params["down_proj"]["b"].shape == (2, 4, 64)
+
+    cfg, params = hf_io.load_pretrained(tmp_path / "base")
+    tokens, mask = padded_batch()
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=torch.tensor(tokens, dtype=torch.long),
+                        attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(forward(cfg, params, tokens, mask, lora=stack_adapters([single]), adapter_ids=[0, 0, 0]))
+    rel = np.abs(ours[mask] - ref[mask]).max() / np.abs(ref[mask]).max()
+    assert rel <= 1e-4, rel
+
+    hf_io.export_peft(tmp_path / "ours", single)
+    again = hf_io.load_peft(tmp_path / "ours")
+    assert again.alpha == single.alpha
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(single)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: no PEFT adapter here"):
+        hf_io.load_peft(tmp_path / "base")

@@ -281,3 +281,38 @@ def export_peft(
     }
     config.update(extra_config or {})
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_peft(directory: str | Path) -> LoraStack:
+    """One PEFT LoRA adapter (`export_peft`'s output, or PEFT's own `save_pretrained` of a Llama)
+    as a single adapter with leaves `a: [L, d_in, R]`, `b: [L, R, d_out]` (float32)."""
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: no PEFT adapter here")
+    config = json.loads(config_path.read_text())
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise CheckpointFormatError(f"{config_path}: rsLoRA / DoRA adapters are not supported")
+    module_to_target = {hf: ours for ours, hf in _HF_LAYER.items()}
+    factors: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    file = directory / "adapter_model.safetensors"
+    for name, arr in read_safetensors(file).items():
+        # base_model.model.model.layers.{i}.{module}.lora_{A|B}[.default].weight
+        parts = name.split(".")
+        if "layers" not in parts or not any(p in ("lora_A", "lora_B") for p in parts):
+            raise CheckpointFormatError(f"{file}: unexpected tensor {name!r} (not a LoRA factor of a Llama layer)")
+        i = parts.index("layers")
+        which = next(p for p in parts if p in ("lora_A", "lora_B"))
+        module = ".".join(parts[i + 2:parts.index(which)])
+        if module not in module_to_target:
+            raise CheckpointFormatError(f"{file}: tensor {name!r} adapts {module!r}, not a Llama projection")
+        side = "a" if which == "lora_A" else "b"
+        factors.setdefault(module_to_target[module], {"a": {}, "b": {}})[side][int(parts[i + 1])] = \
+            np.asarray(arr, np.float32).T  # PEFT [R, d_in] / [d_out, R] -> ours [d_in, R] / [R, d_out]
+    params = {}
+    for target, ab in factors.items():
+        layers = sorted(ab["a"])
+        if layers != list(range(len(layers))) or sorted(ab["b"]) != layers:
+            raise CheckpointFormatError(f"{file}: {target} has factors for layers {layers} / {sorted(ab['b'])}")
+        params[target] = {side: jax.device_put(np.stack([ab[side][i] for i in layers])) for side in ("a", "b")}
+    return LoraStack(params=params, alpha=float(config["lora_alpha"]))
