@@ -24,10 +24,13 @@ import jax
 
 from fedrouter_jax.training import client_chunk_size
 
-# Fraction of the free device memory a round may plan to use: the rest absorbs what the
-# buffer assignment does not see (the allocator's fragmentation, cuDNN/cuBLAS workspaces that
-# are allocated outside it, the next round's batches arriving while this one runs).
+# Fraction of the free device memory a round may plan to use: the rest absorbs the allocator's
+# fragmentation and the next round's batches arriving while this one runs.
 HEADROOM = 0.9
+# Bytes a call takes outside XLA's buffer assignment (runtime thread pools and scratch): about
+# 12.5 MiB on XLA:CPU, measured by tests/test_memory.py. Library workspaces (cuBLAS, cuDNN) are
+# buffers of their custom calls, so they are in the assignment.
+RUNTIME_BYTES = 32 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,10 @@ class CallMemory:
     def added(self) -> int:
         """Bytes the call allocates beyond its arguments (outputs + temporaries - aliased)."""
         return self.output + self.temp - self.alias
+
+    def added_bounds(self) -> tuple[int, int]:
+        """(low, high) of the bytes a run adds to the device's (or process's) peak."""
+        return self.added, self.added + RUNTIME_BYTES
 
 
 def call_memory(compiled: jax.stages.Compiled) -> CallMemory:
@@ -125,8 +132,10 @@ def fit_client_chunk(lower: Callable[[Optional[int]], jax.stages.Lowered], n_cli
     """The largest client group whose compiled round fits `budget` bytes (`CallMemory.peak`).
 
     lower(chunk) -> the round lowered with `client_chunk=chunk` (abstract arguments are fine).
-    Raises MemoryError if even the smallest group does not fit.
+    A group fits if its peak plus `RUNTIME_BYTES` is at most `budget`. Raises MemoryError if even
+    the smallest group does not fit.
     """
+    usable = budget - RUNTIME_BYTES
     cands = list(candidates) if candidates is not None else chunk_candidates(n_clients, n_devices)
     sizes = [group_size(c, n_clients) for c in cands]
     measured: dict[int, CallMemory] = {}
@@ -140,18 +149,20 @@ def fit_client_chunk(lower: Callable[[Optional[int]], jax.stages.Lowered], n_cli
         return ChunkChoice(chunk=cands[i], group=sizes[i], memory=measured[sizes[i]], budget=budget,
                            probes={g: m.peak for g, m in measured.items()})
 
-    if measure(0).peak > budget:
+    if measure(0).peak > usable:
         raise MemoryError(f"train.client_chunk: auto: a group of {sizes[0]} client(s) needs "
-                          f"{measure(0).peak / 2**30:.2f} GiB, only {budget / 2**30:.2f} GiB are usable on the device")
+                          f"{(measure(0).peak + RUNTIME_BYTES) / 2**30:.2f} GiB, only {budget / 2**30:.2f} GiB "
+                          f"are usable on the device")
     if len(cands) == 1:
         return choice(0)
+    # bytes per added client from the two smallest groups; the largest group on that line
     per_client = max((measure(1).peak - measure(0).peak) / (sizes[1] - sizes[0]), 1.0)
-    fits = sizes[0] + (budget - measure(0).peak) / per_client
+    fits = sizes[0] + (usable - measure(0).peak) / per_client
     i = max(j for j in range(len(cands)) if sizes[j] <= fits or j == 0)
-    while i > 0 and measure(i).peak > budget:  # the line was optimistic: step down
+    while i > 0 and measure(i).peak > usable:  # the line was optimistic: step down
         i -= 1
-    while i + 1 < len(cands) and (sizes[i + 1] in measured and measured[sizes[i + 1]].peak <= budget):
-        i += 1  # a probe already showed a larger group fits
+    while i + 1 < len(cands) and sizes[i + 1] in measured and measured[sizes[i + 1]].peak <= usable:
+        i += 1  # a probe already showed that a larger group fits
     return choice(i)
 
 
