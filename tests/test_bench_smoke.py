@@ -64,3 +64,11 @@ def test_profile_step():
 def test_bench_attention():
     r = _main("attention")(["--small"])
     assert r["op"]["ratio fwd+bwd"] > 0 and set(r["step_s"]) == {"xla", "fused"}
+
+
+def test_bench_real_size():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    r = _main("real_size")(["--small"])
+    assert r["jax"]["s_per_step"] > 0 and r["torch_lean"]["s_per_step"] > 0 and r["ratio"] > 0
+    assert r["head_tokens"] < r["config"]["seq"] and r["weights_bytes"] > 0
