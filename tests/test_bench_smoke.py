@@ -72,3 +72,23 @@ def test_bench_real_size():
     r = _main("real_size")(["--small"])
     assert r["jax"]["s_per_step"] > 0 and r["torch_lean"]["s_per_step"] > 0 and r["ratio"] > 0
     assert r["head_tokens"] < r["config"]["seq"] and r["weights_bytes"] > 0
+
+
+def test_gpu_sh_dry_run(tmp_path):
+    """`bash experiments/bench/gpu.sh --dry-run`: every GPU step's arguments parse, the GPU checks
+    run at tiny shapes on CPU, one JSON comes out."""
+    import json
+    import subprocess
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu.sh"), "--dry-run", "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["steps"]) == {"checks", "flops", "clients", "torch", "clustering", "scale"}
+    assert report["steps"]["flops"]["parsed"]["model"] == "1b"
+    checks = report["steps"]["checks"]
+    assert checks["rc"] == 0 and "error" not in json.dumps(checks["results"]), checks.get("tail")
+    assert checks["results"]["attention"]["op"]["by_T"][0]["out_rel_err"] < 1e-5
+    assert checks["results"]["memory"][0]["forced"]["fits"]
