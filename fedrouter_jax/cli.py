@@ -110,16 +110,18 @@ def _cmd_export(args) -> int:
     from fedrouter_jax.models.hf_io import export_peft
 
     run, step = _load_finished(args.out_dir)
-    stack = run.data.ctx.stack(run.state["adapters"])
+    plan = run.sim.eval_plan(run.state, run.cfg.eval.router)  # every method's adapters, one stack
+    stack = plan.adapters
     dest = Path(args.dest)
     n = stack.n_adapters
     for a in range(n):
         export_peft(dest / f"adapter_{a}", take(stack, a), base_model_path=str(run.data.model_dir))
-    meta = {"round": step, "method": run.cfg.method, "n_adapters": n}
-    if "global_centroids" in run.state:  # the router needs the centroids next to the adapters
+    meta = {"round": step, "method": run.cfg.method, "n_adapters": n, "router": run.cfg.eval.router}
+    centroids = getattr(run.state.server, "global_centroids", None)
+    if centroids is not None:  # the router needs the centroids next to the adapters
         import numpy as np
 
-        np.save(dest / "global_centroids.npy", np.asarray(run.state["global_centroids"]))
+        np.save(dest / "global_centroids.npy", np.asarray(centroids))
     (dest / "export.json").write_text(json.dumps(meta, indent=2))
     print(f"exported {n} PEFT adapters to {dest}")
     return 0

@@ -195,23 +195,22 @@ class Run:
         """The state before round 1 (client_setup + server_setup); also the restore target."""
         return self.sim.setup()
 
-    def restore(self, store: CheckpointStore, step: int) -> tuple[SimState, list]:
-        """(state, history) of a checkpoint, restored into the structure of `initial_state`."""
-        tree, extra = store.restore(step, like=self.initial_state())
-        return tree, extra["history"]
+    def restore(self, store: CheckpointStore, step: Optional[int] = None) -> tuple[SimState, list, int]:
+        """(state, history, round) of a checkpoint (default: the latest that verifies), restored
+        into the structure of `initial_state` (setup is deterministic, so it rebuilds the shapes)."""
+        state, extra = store.restore(step, like=self.initial_state())
+        return state, extra["history"], store.restored_step
 
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.yaml")
         store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep)
-        step = store.latest_step()
-        if step is None:
+        if store.latest_step() is None:
             state, history, start = self.initial_state(), [], 0
         else:
-            state, history = self.restore(store, step)
-            start = step
-            print(f"[resume] from the complete checkpoint of round {step} in {self.out / 'checkpoints'}")
+            state, history, start = self.restore(store)
+            print(f"[resume] from the complete checkpoint of round {start} in {self.out / 'checkpoints'}")
         _write_jsonl(self.out / "metrics.jsonl", history)
         rounds = cfg.train.rounds
         bar = None

@@ -106,12 +106,18 @@ def scatter_rows(full, index: np.ndarray, new, keep: np.ndarray):
 
 
 class Simulator:
-    """One method over all clients of a run (host data + the frozen base, placed once)."""
+    """One method over the clients of a run (host data + the frozen base, placed once).
+
+    `inputs` / `train_sets` hold the clients this process simulates (all of them here; one in a
+    deployment's client), found by client id.
+    """
 
     def __init__(self, method: Method, env: Env, base: dict, inputs: ClientInputs, train_sets: Sequence, *,
                  mesh_devices: int = 1):
         cfg = env.config
         self.method, self.env, self.inputs, self.train_sets = method, env, inputs, list(train_sets)
+        # row of each client id in `inputs` / `train_sets` (a deployment holds only its own clients)
+        self.position = {int(c): i for i, c in enumerate(np.asarray(inputs.client_id))}
         self.n_slots = int(method.slots(env))
         self.optimizer = make_optimizer(cfg.train.weight_decay)
         self.mesh = client_mesh(mesh_devices)
@@ -148,10 +154,11 @@ class Simulator:
         p_n, s_n = pools.shape[:2]
         sets, pool_list, streams = [], [], []
         for p, c in enumerate(participants):
+            own = self.train_sets[self.position[int(c)]]
             for s in range(s_n):
                 idx = np.flatnonzero(pools[p, s])
-                sets.append(self.train_sets[int(c)])
-                pool_list.append(idx if idx.size else np.arange(len(self.train_sets[int(c)])))
+                sets.append(own)
+                pool_list.append(idx if idx.size else np.arange(len(own)))
                 streams.append(self.method.stream(self.env, int(c), s))
         b = sample_round_batches(sets, pool_list, steps=t.local_steps, batch_size=t.batch_size,
                                  seed=self.env.config.seed, round_idx=round_idx, streams=streams)
@@ -164,16 +171,15 @@ class Simulator:
         return Batch(jnp.asarray(shape(b["tokens"])), jnp.asarray(shape(b["mask"])),
                      jnp.asarray(shape(b["loss_mask"]))), pool_size, head
 
-    def round_step(self, state: SimState, round_idx: int) -> tuple[SimState, dict]:
+    def train_clients(self, clients, msg, participants: np.ndarray, round_idx: int, opt=None):
+        """The participants' side of a round for a stack of them (client rows and message rows
+        [P, ...]): client_pools, their batches, and client_update as ONE jitted call.
+        -> (new client rows, Reply (host), new optimizer rows or None, pool_size [P, S])."""
         cfg, env, method = self.env.config, self.env, self.method
-        fed = cfg.federation
-        participants = sample_participants(cfg.seed, round_idx, env.n_clients, fed.clients_per_round)
-        msg = method.server_plan(env, state.server, round_idx, participants)
-        clients = rows(state.clients, participants)
-        pools = np.asarray(method.client_pools(env, clients, msg, rows(self.inputs, participants)), bool)
+        at = np.array([self.position[int(c)] for c in participants])
+        pools = np.asarray(method.client_pools(env, clients, msg, rows(self.inputs, at)), bool)
         batches, pool_size, head = self.round_batches(pools, participants, round_idx)
         lr = round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
-        opt = None if cfg.train.reset_optimizer_each_round else rows(state.opt, participants)
         round_key = jax.random.fold_in(self.key, round_idx + 1)
         keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.asarray(participants))
         j = len(participants) * self.n_slots
@@ -188,6 +194,19 @@ class Simulator:
         if overflow.any():  # a sizing bug, never a data problem: head_tokens_for_batches covers every batch
             raise RuntimeError(f"round {round_idx + 1}: {int(overflow.max())} loss tokens did not fit the LM-head "
                                "budget (training.response_loss_on_loss_tokens); set train.lm_head_on: all_tokens")
+        return _host(new_clients), reply, None if new_opt is None else _host(new_opt), pool_size
+
+    def round_step(self, state: SimState, round_idx: int) -> tuple[SimState, dict]:
+        """One round: participants sampled, server_plan, train_clients, lost and non-finite
+        replies dropped, server_aggregate. -> (new state, metrics for metrics.jsonl)."""
+        cfg, env, method = self.env.config, self.env, self.method
+        fed = cfg.federation
+        participants = sample_participants(cfg.seed, round_idx, env.n_clients, fed.clients_per_round)
+        msg = method.server_plan(env, state.server, round_idx, participants)
+        opt = None if state.opt is None else rows(state.opt, participants)
+        new_clients, reply, new_opt, pool_size = self.train_clients(rows(state.clients, participants), msg,
+                                                                    participants, round_idx, opt)
+        lr = round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
 
         lost = sample_dropouts(cfg.seed, round_idx, participants, fed.dropout_rate)
         finite = np.asarray(reply.finite, bool)
@@ -199,6 +218,9 @@ class Simulator:
                 + ("" if fed.on_nonfinite == "stop" else ", every reply of the round")
                 + "; nothing was aggregated or checkpointed. Lower train.lr or check the data of these clients.")
         arrived = finite & ~lost
+        # a lost or discarded reply never reaches the server: its rows carry zeros, not NaN
+        keep = lambda x: np.where(arrived.reshape((-1,) + (1,) * (x.ndim - 1)), x, np.zeros_like(x))  # noqa: E731
+        reply = reply.replace(adapters=jax.tree.map(keep, reply.adapters))
         if method.jit_aggregate:
             server = _server_aggregate_jit(method, env, state.server, msg, reply, jnp.asarray(arrived),
                                            jnp.asarray(participants), round_idx)
@@ -206,8 +228,8 @@ class Simulator:
             server = method.server_aggregate(env, state.server, msg, reply, arrived, participants, round_idx)
         new_state = SimState(
             server=_host(server),
-            clients=scatter_rows(state.clients, participants, _host(new_clients), arrived),
-            opt=None if state.opt is None else scatter_rows(state.opt, participants, _host(new_opt), arrived),
+            clients=scatter_rows(state.clients, participants, new_clients, arrived),
+            opt=None if state.opt is None else scatter_rows(state.opt, participants, new_opt, arrived),
         )
         used = (pool_size > 0) & arrived[:, None]
         last, first = np.asarray(reply.loss)[..., -1], np.asarray(reply.loss)[..., 0]

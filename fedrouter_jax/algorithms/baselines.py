@@ -190,7 +190,7 @@ def _fedsa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode:
     """Client c serves with (A, B_c)."""
     m = np.asarray(inputs.test_mask, bool)
     c = len(np.asarray(inputs.client_id))
-    shared_a = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (c,) + x.shape), msg.adapters)
+    shared_a = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (c,) + x.shape), msg.shared)
     own = _join(shared_a, jax.tree.map(np.asarray, state.adapters))
     return Routing(own=jax.tree.map(lambda x: x[:, None], own), ids=np.where(m, 0, -1).astype(np.int32))
 
@@ -200,8 +200,9 @@ FEDSA = register(Method(
     client_setup=_fedsa_client_setup, client_pools=_pools_all, client_slots=_fedsa_slots,
     client_reply=_fedsa_reply, client_route=_fedsa_route,
     server_setup=_fedsa_server_setup, server_plan=_fedit_plan, server_aggregate=_fedit_aggregate,
-    server_route=lambda env, s, mode: RouteMessage(adapters=jax.tree.map(lambda x: x[0], s.adapters),
-                                                   per_client=None),
+    # the shared A alone serves nothing: it travels as `shared`, each client joins its own B
+    server_route=lambda env, s, mode: RouteMessage(adapters=None, per_client=None,
+                                                   shared=jax.tree.map(lambda x: x[0], s.adapters)),
     description="FedSA-LoRA: A averaged over clients (shared), B kept per client (personal)",
 ))
 
