@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from fedrouter_jax.config import METHODS, ConfigError, config_to_dict, load_config, load_yaml  # noqa: E402
+from fedrouter_jax.algorithms import available  # noqa: E402
+from fedrouter_jax.config import ConfigError, config_to_dict, load_config, load_yaml  # noqa: E402
 
 SCENARIO_CONFIGS = {
     "single": "configs/single.yaml",
@@ -140,7 +141,7 @@ def load_grid(path, *, sets=(), methods: Optional[list] = None, scenarios: Optio
     name = spec.get("name") or path.stem
     g_methods = _list(spec, "methods", str(path))
     for m in g_methods:
-        _choices(m, METHODS, f"{path}: methods")
+        _choices(m, available(), f"{path}: methods")
     scenario_files = {**SCENARIO_CONFIGS, **(spec.get("scenario_configs") or {})}
     g_scenarios = _list(spec, "scenarios", str(path))
     for s in g_scenarios:
@@ -152,7 +153,7 @@ def load_grid(path, *, sets=(), methods: Optional[list] = None, scenarios: Optio
     g_variants = spec.get("variants") or {"default": {}}
     if not isinstance(g_variants, dict):
         raise GridError(f"{path}: variants: expected a mapping name -> overrides, got {g_variants!r}")
-    for key, valid in (("scenario_overrides", scenario_files), ("method_overrides", METHODS)):
+    for key, valid in (("scenario_overrides", scenario_files), ("method_overrides", available())):
         for k in spec.get(key) or {}:
             _choices(k, list(valid), f"{path}: {key}")
 

@@ -61,8 +61,9 @@ class ConfigError(ValueError):
     """A config problem; the message names the dotted field path and what was expected."""
 
 
-Method = Literal["fedrouter", "fedrouter_star", "fedit", "local", "fedcluster", "fedsa", "feddpa"]
-METHODS: tuple[str, ...] = typing.get_args(Method)
+# The methods shipped with the package; `method:` accepts any registered one
+# (fedrouter_jax.algorithms.available(): a new method registers itself, config.py is untouched).
+METHODS: tuple[str, ...] = ("fedrouter", "fedrouter_star", "fedit", "local", "fedcluster", "fedsa", "feddpa")
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
@@ -188,7 +189,7 @@ class FedDPAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FedRouterConfig:
-    method: Method = "fedrouter"
+    method: str = "fedrouter"  # a registered method (fedrouter_jax.algorithms.available())
     seed: int = 0
     out_dir: str = "runs/default"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -654,6 +655,11 @@ def validate(cfg: FedRouterConfig) -> None:
              f"train.client_mesh_devices: data.n_clients ({d.n_clients}) must be divisible by "
              f"the number of devices the client axis is sharded over ({t.client_mesh_devices})")
 
+    from fedrouter_jax.algorithms import available
+
+    methods = available()
+    need(cfg.method in methods, f"method: unknown method {cfg.method!r}; expected one of "
+                                + ", ".join(methods) + _suggest(cfg.method, methods))
     # Each method's own section is checked only when that method runs (item: a valid fedrouter
     # run must not be refused over fedcluster's defaults).
     if cfg.method in ("fedrouter", "fedrouter_star"):
