@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -88,8 +88,20 @@ def _embed_clients(cfg, model_dir, tok, model_cfg, base, per_client_examples):
     return out
 
 
-def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
-    """Model, tokenizer, scenario data, token arrays and embeddings for a config."""
+def _only_clients(fed, clients: Sequence[int]):
+    """The scenario's data of `clients` alone (in that order)."""
+    pick = lambda xs: [xs[c] for c in clients]  # noqa: E731
+    return dataclasses.replace(fed, train=pick(fed.train), test=pick(fed.test), train_tasks=pick(fed.train_tasks),
+                               test_tasks=pick(fed.test_tasks), client_tasks=pick(fed.client_tasks))
+
+
+def prepare(cfg: FedRouterConfig, progress: bool = True, *, clients: Optional[Sequence[int]] = None) -> RunData:
+    """Model, tokenizer, scenario data, token arrays and embeddings for a config.
+
+    clients: only these client ids (a deployment node's own): `fed`, `train_sets`,
+    `test_prompts` and `inputs` then hold just them, in this order, and `inputs.client_id`
+    names them; the scenario is still drawn for all `data.n_clients` (same data per client).
+    """
     model_dir = model_directory(cfg)
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     model_cfg, base = load_pretrained(model_dir, dtype)
@@ -102,6 +114,11 @@ def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
     empty = [c for c in range(fed.n_clients) if len(fed.train[c]) == 0]
     if empty:
         raise ValueError(f"data: client {empty[0]} has no training samples (scenario {d.scenario})")
+    if clients is not None:
+        bad = [c for c in clients if not 0 <= int(c) < fed.n_clients]
+        if bad:
+            raise ValueError(f"data.n_clients={fed.n_clients}: no client {bad[0]}")
+        fed = _only_clients(fed, [int(c) for c in clients])
     train_sets = [tokenize_examples(ex, tok, cfg.model.max_seq_len, warn=False) for ex in fed.train]
     prompt_len = cfg.model.max_seq_len - cfg.eval.max_new_tokens
     test_prompts = [encode_prompts(ex, tok, prompt_len, warn=False)[:2] for ex in fed.test]
@@ -112,8 +129,10 @@ def prepare(cfg: FedRouterConfig, progress: bool = True) -> RunData:
               f"{rcut} responses cut (raise model.max_seq_len to avoid)")
     train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train)
     test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test)
-    return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts,
-                   client_inputs(train_emb, test_emb))
+    inputs = client_inputs(train_emb, test_emb)
+    if clients is not None:
+        inputs = inputs.replace(client_id=np.asarray(clients, np.int32))
+    return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts, inputs)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -177,6 +196,23 @@ def _write_jsonl(path: Path, records: list) -> None:
     tmp.replace(path)
 
 
+DIVERGENCE_FACTOR = 4.0  # a round's loss this many times the first one's: warn
+
+
+def divergence_warning(history: list, rec: dict) -> Optional[str]:
+    """A warning when the round's train loss rose far above the run's first loss (finite but
+    exploding, e.g. a learning rate far too large), else None. NaN/Inf is handled by the
+    simulator; this catches what is still finite."""
+    first = (history[0] if history else rec).get("train_loss_first_step")
+    loss = rec.get("train_loss")
+    if first is None or loss is None or not np.isfinite(first) or not np.isfinite(loss) or first <= 0:
+        return None
+    if loss > DIVERGENCE_FACTOR * first:
+        return (f"round {rec['round']}: train loss {loss:.3g} is {loss / first:.1f}x the first round's "
+                f"{first:.3g}: the run is diverging (lower train.lr?)")
+    return None
+
+
 class Run:
     """One federated run of `cfg.method`, resumable from `cfg.out_dir/checkpoints`."""
 
@@ -222,6 +258,10 @@ class Run:
             t0 = time.perf_counter()
             state, metrics = self.sim.round_step(state, r)
             rec = {"round": r + 1, **metrics, "time_s": round(time.perf_counter() - t0, 3)}
+            warning = divergence_warning(history, rec)
+            if warning:
+                rec["warning"] = warning
+                (bar.write if bar else print)(f"[warning] {warning}")
             if cfg.eval.every and (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
                 ev = evaluate(self.data, self.sim.eval_plan(state, cfg.eval.router), progress=self.progress)
                 rec["eval"] = {k: ev[k] for k in ("rouge1", "per_client", "per_task") if k in ev}

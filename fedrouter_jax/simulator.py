@@ -28,6 +28,7 @@ from flax import struct
 from fedrouter_jax.algorithms.base import ClientInputs, Env, Method, rows
 from fedrouter_jax.data import sample_round_batches
 from fedrouter_jax.data.batching import head_token_budget, head_tokens_for_batches, trim_padding
+from fedrouter_jax.distributed import to_host
 from fedrouter_jax.routing import EvalPlan
 from fedrouter_jax.sharding import client_mesh, replicate, shard_clients
 from fedrouter_jax.training import (Batch, client_chunk_size, init_opt_states, make_optimizer, round_learning_rate,
@@ -74,7 +75,8 @@ def _server_aggregate_jit(method: Method, env: Env, server, msg, reply, arrived,
 
 
 def _host(tree):
-    return jax.tree.map(np.asarray, tree)
+    """Every leaf whole as host numpy (gathered from other processes' devices when sharded there)."""
+    return jax.tree.map(to_host, tree)
 
 
 def sample_participants(seed: int, round_idx: int, n_clients: int, per_round: Optional[int]) -> np.ndarray:
@@ -126,7 +128,8 @@ class Simulator:
         # LM-head positions per batch that cover any batch of distinct training rows
         self.head_budget = (head_token_budget(self.train_sets, cfg.train.batch_size)
                             if cfg.train.lm_head_on == "loss_tokens" else None)
-        self.compile_keys: set = set()  # distinct (P*S, T, head) shapes the round was compiled for
+        self.compile_keys: set = set()  # distinct (P*S, T, head, chunk) the round was compiled for
+        self._chunks: dict = {}  # measured client groups per round shape (accelerators)
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> SimState:
@@ -183,11 +186,10 @@ class Simulator:
         round_key = jax.random.fold_in(self.key, round_idx + 1)
         keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.asarray(participants))
         j = len(participants) * self.n_slots
-        n_dev = 1 if self.mesh is None else self.mesh.devices.size
-        chunk = client_chunk_size(cfg.train.client_chunk, j, cfg.train.batch_size * batches.tokens.shape[-1], n_dev)
+        args = shard_clients((clients, msg, batches, pool_size, opt, keys), self.mesh)
+        chunk = self._client_chunk(j, batches.tokens.shape[-1], head, args, lr)
         opts = TrainOptions(self.optimizer, chunk, head, cfg.train.layer_loop)
         self.compile_keys.add((j, batches.tokens.shape[-1], head, chunk))
-        args = shard_clients((clients, msg, batches, pool_size, opt, keys), self.mesh)
         new_clients, reply, new_opt = _client_update(method, env, self.base, *args, jnp.float32(lr), opts=opts)
         reply = _host(reply)
         overflow = np.asarray(reply.head_overflow)
@@ -195,6 +197,29 @@ class Simulator:
             raise RuntimeError(f"round {round_idx + 1}: {int(overflow.max())} loss tokens did not fit the LM-head "
                                "budget (training.response_loss_on_loss_tokens); set train.lm_head_on: all_tokens")
         return _host(new_clients), reply, None if new_opt is None else _host(new_opt), pool_size
+
+    def _client_chunk(self, j: int, t: int, head, args, lr) -> Optional[int]:
+        """Slots per vmapped group (`train.client_chunk`). `auto` on an accelerator: the largest
+        group whose compiled round fits the device's free memory (memory.auto_client_chunk,
+        measured once per round shape); on CPU a token budget (training.client_chunk_size)."""
+        t_cfg = self.env.config.train
+        n_dev = 1 if self.mesh is None else self.mesh.devices.size
+        tokens = t_cfg.batch_size * t
+        if t_cfg.client_chunk != "auto" or jax.default_backend() == "cpu":
+            return client_chunk_size(t_cfg.client_chunk, j, tokens, n_dev)
+        key = (j, t, head)
+        if key not in self._chunks:
+            from fedrouter_jax.memory import auto_client_chunk
+
+            def lower(chunk):
+                opts = TrainOptions(self.optimizer, chunk, head, t_cfg.layer_loop)
+                return _client_update.lower(self.method, self.env, self.base, *args, jnp.float32(lr), opts=opts)
+
+            choice = auto_client_chunk(lower, n_clients=j, tokens_per_client=tokens, n_devices=n_dev,
+                                       resident=(self.base,))
+            print(f"[memory] {choice.describe()}")
+            self._chunks[key] = choice.chunk
+        return self._chunks[key]
 
     def round_step(self, state: SimState, round_idx: int) -> tuple[SimState, dict]:
         """One round: participants sampled, server_plan, train_clients, lost and non-finite

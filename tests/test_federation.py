@@ -197,3 +197,61 @@ def test_metrics_jsonl_records_participants_and_drops(prepared, tmp_path):
         lost = sample_dropouts(0, r, part, 0.3)
         assert rec["participants"] == part[~lost].tolist()
         assert rec["dropped"] == [{"client": int(c), "reason": "dropout"} for c in part[lost]]
+
+
+def test_accelerator_client_groups_are_sized_from_the_compiled_round(prepared, monkeypatch):
+    """`train.client_chunk: auto` off the CPU asks memory.auto_client_chunk with the round's own
+    lowering (here on the CPU, posing as an accelerator with a given free memory); the groups it
+    picks do not change the result."""
+    import fedrouter_jax.memory as memory
+
+    sim = _sim(prepared, "fedit")
+    state = sim.setup()
+    ref, _ = sim.round_step(state, 0)
+    asked = []
+    real = memory.auto_client_chunk
+
+    def spy(lower, **kw):
+        choice = real(lower, **kw)
+        asked.append((kw["n_clients"], choice.chunk))
+        return choice
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device=None, resident=(): 10 * 2**30)
+    monkeypatch.setattr(memory, "auto_client_chunk", spy)
+    sim2 = _sim(prepared, "fedit")
+    got, _ = sim2.round_step(state, 0)
+    sim2.round_step(got, 1)
+    assert len(asked) == len(sim2._chunks) >= 1 and asked[0][0] == 4
+    _assert_trees_close(got, ref, 1e-6)
+
+
+def test_a_diverging_loss_is_reported():
+    from fedrouter_jax.runner import divergence_warning
+
+    first = {"round": 1, "train_loss": 2.0, "train_loss_first_step": 2.5}
+    assert divergence_warning([], first) is None
+    assert divergence_warning([first], {"round": 2, "train_loss": 9.0}) is None  # 3.6x
+    w = divergence_warning([first], {"round": 3, "train_loss": 1e4})
+    assert w.startswith("round 3: train loss 1e+04 is 4000.0x the first round's 2.5")
+    assert divergence_warning([first], {"round": 3, "train_loss": float("nan")}) is None
+
+
+def test_diverging_run_warns_in_metrics(prepared, tmp_path, monkeypatch, capsys):
+    from fedrouter_jax.runner import Run
+
+    cfg, data = prepared
+    cfg = dataclasses.replace(cfg, method="fedit", out_dir=str(tmp_path / "run"),
+                              train=dataclasses.replace(cfg.train, rounds=2))
+    run = Run(cfg, data=data, progress=False)
+    real = run.sim.round_step
+
+    def exploding(state, r):
+        state, m = real(state, r)
+        return state, {**m, "train_loss": m["train_loss"] * (1 if r == 0 else 100)}
+
+    monkeypatch.setattr(run.sim, "round_step", exploding)
+    run.run()
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "warning" not in recs[0] and "diverging" in recs[1]["warning"]
+    assert "[warning] round 2" in capsys.readouterr().out
