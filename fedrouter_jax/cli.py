@@ -1,4 +1,4 @@
-"""`fedrouter-jax run|resume|eval|export|methods` (also `python -m fedrouter_jax`).
+"""`fedrouter-jax run|resume|eval|export|predict|methods` (also `python -m fedrouter_jax`).
 
 `--out-dir D` names the run: its `config.yaml` is read with `out_dir` set to D, wherever the run
 was first written. Every expected failure (bad config, model or data files, a damaged or locked
@@ -106,25 +106,35 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from fedrouter_jax.lora import take
-    from fedrouter_jax.models.hf_io import export_peft
+    from fedrouter_jax.bundle import export_run
 
-    run, step = _load_finished(args.out_dir)
-    plan = run.sim.eval_plan(run.state, run.cfg.eval.router)  # every method's adapters, one stack
-    stack = plan.adapters
-    dest = Path(args.dest)
-    n = stack.n_adapters
-    for a in range(n):
-        export_peft(dest / f"adapter_{a}", take(stack, a), base_model_path=str(run.data.model_dir))
-    meta = {"round": step, "method": run.cfg.method, "n_adapters": n, "router": run.cfg.eval.router}
-    centroids = getattr(run.state.server, "global_centroids", None)
-    if centroids is not None:  # the router needs the centroids next to the adapters
-        import numpy as np
-
-        np.save(dest / "global_centroids.npy", np.asarray(centroids))
-    (dest / "export.json").write_text(json.dumps(meta, indent=2))
-    print(f"exported {n} PEFT adapters to {dest}")
+    bundle = export_run(args.out_dir, args.dest, step=args.step)  # reads the checkpoint only
+    m = bundle.meta
+    print(f"exported {len(m['adapters'])} PEFT adapters and the {'/'.join(sorted(m['routers']))} routers "
+          f"of {m['method']} (round {m['round']}) to {args.dest}")
     return 0
+
+
+def _cmd_predict(args) -> int:
+    from fedrouter_jax.predict import predict_file
+
+    records = predict_file(args.bundle, args.input, args.output, client=args.client, router=args.router,
+                           max_new_tokens=args.max_new_tokens, base_model=args.base_model)
+    print(f"wrote {len(records)} predictions to {args.output}")
+    return 0
+
+
+def _cmd_flower(args) -> int:
+    from fedrouter_jax.config import config_to_dict, load_config
+    from fedrouter_jax.flower.driver import run_flower
+    from fedrouter_jax.rundir import RunDir
+
+    cfg = load_config(args.config, args.set)
+    _check_model_files(cfg)
+    with RunDir(cfg.out_dir, fresh=args.fresh) as rd:  # the lock: one run per out_dir
+        rd.check_same_config(config_to_dict(cfg))
+        return run_flower(cfg, runtime=args.runtime, nodes=args.nodes, round_timeout=args.round_timeout,
+                          setup_timeout=args.setup_timeout, run_timeout=args.run_timeout)
 
 
 def _cmd_methods(args) -> int:
@@ -152,10 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", required=True)
     e.add_argument("--router", choices=["local", "global"])
     e.set_defaults(fn=_cmd_eval)
-    x = sub.add_parser("export", help="export the adapters of OUT_DIR's latest verified checkpoint in PEFT format")
+    x = sub.add_parser("export", help="write the bundle (PEFT adapters + routers) of OUT_DIR's latest verified checkpoint")
     x.add_argument("--out-dir", required=True)
-    x.add_argument("--dest", required=True)
+    x.add_argument("--dest", required=True, help="bundle directory (new, empty, or an earlier bundle: replaced)")
+    x.add_argument("--step", type=int, help="checkpoint round to export (default: the latest verified)")
     x.set_defaults(fn=_cmd_export)
+    pr = sub.add_parser("predict", help="route and answer the inputs of a JSONL file with an exported bundle")
+    pr.add_argument("--bundle", required=True, help="directory written by `export`")
+    pr.add_argument("--input", required=True, help='JSONL, one {"instruction": ..., "input": ...} per line')
+    pr.add_argument("--output", required=True, help="JSONL, one prediction and the adapter used per input line")
+    pr.add_argument("--client", type=int, help="client whose router and adapters serve (needed by --router local)")
+    pr.add_argument("--router", choices=["local", "global"], help="default: the run's eval.router")
+    pr.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    pr.add_argument("--base-model", help="base model directory (default: the bundle's; checked by fingerprint)")
+    pr.set_defaults(fn=_cmd_predict)
+    f = sub.add_parser("flower", help="run a config as a Flower app (simulation runtime, or SuperLink + SuperNodes "
+                                      "on 127.0.0.1); resumes like run")
+    f.add_argument("--config", required=True, help="YAML under configs/ (overrides of the defaults)")
+    f.add_argument("--runtime", required=True, choices=["simulation", "deployment"])
+    f.add_argument("--nodes", type=int, required=True, help="Flower nodes; node i holds clients i, i + N, ...")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. train.rounds=3")
+    f.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds the server waits for a round's replies; later ones count as dropped")
+    f.add_argument("--setup-timeout", type=float, default=600.0, help="seconds to wait for the nodes and their setup")
+    f.add_argument("--run-timeout", type=float, default=None, help="stop everything after this many seconds")
+    f.add_argument("--fresh", action="store_true", help="as for run: start over in out_dir")
+    f.set_defaults(fn=_cmd_flower)
     m = sub.add_parser("methods", help="list the federated methods")
     m.set_defaults(fn=_cmd_methods)
     return p
