@@ -14,8 +14,8 @@ Reports seconds per step, the ratio (torch / ours: > 1 means ours is faster) and
 both: the resident bytes each framework's weights added and each step's transient peak above
 that (VmHWM reset through /proc/self/clear_refs before each measured step).
 
-  python experiments/bench/bench_real_size.py                   # 1B, fp32, ~11 GB of RAM
-  python experiments/bench/bench_real_size.py --dtype bfloat16  # bf16 frozen base, ~6 GB
+  python experiments/bench/bench_real_size.py                   # 1B, fp32: ~16 GB resident at its peak
+  python experiments/bench/bench_real_size.py --dtype bfloat16  # bf16 frozen base, about half that
   python experiments/bench/bench_real_size.py --small           # seconds (smoke test)
 """
 from __future__ import annotations
