@@ -15,7 +15,7 @@ both: the resident bytes each framework's weights added and each step's transien
 that (VmHWM reset through /proc/self/clear_refs before each measured step).
 
   python experiments/bench/bench_real_size.py                   # 1B, fp32: ~16 GB resident at its peak
-  python experiments/bench/bench_real_size.py --dtype bfloat16  # bf16 frozen base, about half that
+  python experiments/bench/bench_real_size.py --dtype bfloat16  # bf16 frozen base (not measured at 1B)
   python experiments/bench/bench_real_size.py --small           # seconds (smoke test)
 """
 from __future__ import annotations
