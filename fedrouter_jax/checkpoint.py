@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -250,8 +251,16 @@ class CheckpointStore:
             read_only=read_only,
             cleanup_tmp_directories=False,  # nothing is removed on open
             todelete_subdir=None if read_only else TRASH_DIR,
+            save_interval_steps=0 if read_only else 1,  # read-only: no "saving disabled" warning
         )
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # Orbax logs "Given directory is read only" on every read-only open
+            absl.setLevel(logging.ERROR)
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl.setLevel(level)
 
     # -- context manager -------------------------------------------------------------------
     def close(self) -> None:

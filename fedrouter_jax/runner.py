@@ -21,7 +21,7 @@ from fedrouter_jax.algorithms.base import ClientInputs, Env, get_method
 from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.clustering import clustering_accuracy
 from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
-from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks,
+from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks, prompt_inputs,
                                 tokenize_examples, sample_round_batches)
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1
@@ -56,7 +56,9 @@ def model_directory(cfg: FedRouterConfig) -> Path:
 def load_model_tokenizer(model_dir: Path):
     """`AutoTokenizer` from the model directory. Llama-3 ships no pad token: use EOS (pad
     positions are masked everywhere, so the choice never reaches the loss or the attention)."""
-    from transformers import AutoTokenizer
+    from fedrouter_jax.hf_quiet import transformers
+
+    AutoTokenizer = transformers().AutoTokenizer
 
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json / tokenizer_config.json next to the model")
@@ -110,7 +112,7 @@ def prepare(cfg: FedRouterConfig, progress: bool = True, *, clients: Optional[Se
     source = "synthetic" if d.source == "synthetic" else load_real_tasks(d.hf_dir)
     fed = build_scenario(d.scenario, n_clients=d.n_clients, train_per_client=d.train_per_client,
                          test_per_client=d.test_per_client, seed=cfg.seed, source=source,
-                         dirichlet_alpha=d.dirichlet_alpha)
+                         dirichlet_alpha=d.dirichlet_alpha, mix=d.mix, prompt=d.prompt)
     empty = [c for c in range(fed.n_clients) if len(fed.train[c]) == 0]
     if empty:
         raise ValueError(f"data: client {empty[0]} has no training samples (scenario {d.scenario})")
@@ -129,7 +131,9 @@ def prepare(cfg: FedRouterConfig, progress: bool = True, *, clients: Optional[Se
               f"{rcut} responses cut (raise model.max_seq_len to avoid)")
     train_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.train)
     test_emb = _embed_clients(cfg, model_dir, tok, model_cfg, base, fed.test)
-    inputs = client_inputs(train_emb, test_emb)
+    # the clients' own prompts too: FedDPA embeds them with its local adapter at evaluation
+    train_prompts = [encode_prompts(ex, tok, prompt_len, warn=False)[:2] for ex in fed.train]
+    inputs = client_inputs(train_emb, test_emb).replace(**prompt_inputs(train_prompts, test_prompts))
     if clients is not None:
         inputs = inputs.replace(client_id=np.asarray(clients, np.int32))
     return RunData(cfg, model_dir, tok, model_cfg, base, fed, train_sets, test_prompts, inputs)

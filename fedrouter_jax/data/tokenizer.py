@@ -46,7 +46,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequen
 
 
 def _wrap(tok):
-    from transformers import PreTrainedTokenizerFast
+    from fedrouter_jax.hf_quiet import transformers
+
+    PreTrainedTokenizerFast = transformers().PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -70,7 +72,9 @@ def load_tokenizer(directory: str | Path):
     Any HF tokenizer directory works if it defines bos, eos and pad tokens (batching needs all
     three; a stock Llama tokenizer has no pad: set one before use). Raises
     ``FileNotFoundError`` naming the directory if it holds no tokenizer."""
-    from transformers import AutoTokenizer
+    from fedrouter_jax.hf_quiet import transformers
+
+    AutoTokenizer = transformers().AutoTokenizer
 
     directory = Path(directory)
     if not (directory / "tokenizer.json").exists() and not (
