@@ -157,7 +157,7 @@ def _centroid_routers(env, state, plans: dict) -> tuple[dict, dict]:
     """FedRouter(*): local = nearest of the client's own centroids, then that centroid's global
     adapter; global = nearest global centroid (fedrouter.client_route). Adapter g = cluster g."""
     clients = state.clients
-    msg = state_route_message(env, state, "global")
+    msg = _route_message(env, state, "global")
     l2g = np.where(np.asarray(clients.centroid_mask, bool), np.asarray(msg.per_client), -1)
     g = np.asarray(msg.shared).shape[0]
     routers = {
@@ -211,7 +211,8 @@ def register_router(method: str, fn: Callable) -> None:
     ROUTERS[method] = fn
 
 
-def state_route_message(env, state, mode: str):
+def _route_message(env, state, mode: str):
+    """The method's own server_route on the restored server state."""
     from fedrouter_jax.algorithms.base import get_method
 
     return get_method(env.config.method).server_route(env, state.server, mode)
@@ -230,10 +231,9 @@ def restore_state(checkpoints: Path, step: Optional[int] = None):
     from fedrouter_jax.checkpoint import CheckpointStore
     from fedrouter_jax.simulator import SimState
 
-    store = CheckpointStore(checkpoints, read_only=True)
-    if step is None and store.latest_step() is None:
-        raise BundleError(f"{checkpoints}: no usable checkpoint")
-    tree, extra = store.restore(step)
+    if not checkpoints.is_dir():
+        raise BundleError(f"{checkpoints}: no checkpoints here (--out-dir names a run directory)")
+    tree, extra = (store := CheckpointStore(checkpoints, read_only=True)).restore(step)
     state = SimState(server=_fields(tree.get("server")), clients=_fields(tree.get("clients")), opt=None)
     return state, extra, store.restored_step
 
@@ -293,7 +293,7 @@ def export_run(out_dir: str | Path, dest: str | Path, *, step: Optional[int] = N
 def _owners(env, state, plan) -> list:
     """Per adapter of the joint stack: None (shared) or the client that holds it."""
     n = 0 if plan.adapters is None else plan.adapters.n_adapters
-    msg = state_route_message(env, state, "local")
+    msg = _route_message(env, state, "local")
     n_shared = 0 if msg.adapters is None else jax.tree.leaves(msg.adapters)[0].shape[0]
     n_own = (n - n_shared) // max(env.n_clients, 1)
     return [None] * n_shared + [c for c in range(env.n_clients) for _ in range(n_own)]

@@ -216,6 +216,26 @@ def test_export_refuses_a_foreign_directory_and_replaces_a_bundle(exported, tmp_
                                                         "embeds": False}
 
 
+def test_export_reads_the_checkpoint_only(exported, tmp_path, monkeypatch, capsys):
+    """No model weights, data or embeddings: export works with them all made to fail."""
+    import fedrouter_jax.data as data_pkg
+    import fedrouter_jax.embeddings as embeddings
+    import fedrouter_jax.models.hf_io as hf_io
+    import fedrouter_jax.runner as runner
+
+    def refuse(*a, **k):
+        raise AssertionError("export must not call this")
+
+    for module, name in [(runner, "prepare"), (hf_io, "load_params"), (embeddings, "embed_tokens"),
+                         (embeddings, "cached_embeddings"), (data_pkg, "build_scenario"), (runner, "build_scenario")]:
+        monkeypatch.setattr(module, name, refuse)
+    run, bundle_dir = exported("fedrouter")
+    assert main(["export", "--out-dir", run.cfg.out_dir, "--dest", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text()) == json.loads((bundle_dir / "bundle.json").read_text())
+    assert main(["export", "--out-dir", str(tmp_path / "none"), "--dest", str(tmp_path / "c")]) == 2
+    assert "no checkpoints here" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # a trained round (~70 s on loaded cores); the fixtures' states have the same structure
 def test_export_of_a_trained_run(data, tmp_path):
     """A round through the runner, then export + predict: the bundle serves a real checkpoint."""
