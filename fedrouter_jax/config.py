@@ -89,6 +89,9 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # subset of LORA_TARGETS
+    # dropout on the adapter's input while training (PEFT's lora_dropout; none at evaluation);
+    # 0.05 = the FedRouter authors' LoraConfig (docs/FAITHFULNESS.md section 2)
+    dropout: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,13 @@ class DataConfig:
     train_per_client: int = 600
     test_per_client: int = 300
     dirichlet_alpha: float = 0.5  # only for scenario: dirichlet
+    # prompt of the synthetic tasks: "alpaca" = task instruction + input (Alpaca with-input
+    # template), "raw_input" = the input alone in the authors' no-input template (their task
+    # instructions are commented out; docs/FAITHFULNESS.md section 4)
+    prompt: Literal["alpaca", "raw_input"] = "alpaca"
+    # task shares of a multi-task client (dual, all): "even" splits, or "pool_sizes" = the
+    # shares of the authors' pools (data.scenarios.AUTHORS_POOL_SIZES)
+    mix: Literal["even", "pool_sizes"] = "even"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +121,12 @@ class TrainConfig:
     lr_min: float = 1e-5  # end of the cosine schedule
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = 0.0
+    # AdamW moments and epsilon, and gradient clipping at this global norm (0 = off): the
+    # HF TrainingArguments defaults the authors train with (docs/FAITHFULNESS.md section 2)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
     reset_optimizer_each_round: bool = True
     client_mesh_devices: int = 1  # >1 shards the client axis over that many devices; 0 = all
     # clients trained together (vmapped) inside the round's one call: "auto" = a token budget per
@@ -180,10 +196,17 @@ class FedClusterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FedDPAConfig:
+    # "reference" = the released FedDPA code (Lydia-yang/FedDPA): local adapter trained as
+    # a L + (1 - a) sg(G); at test time w sim(x) on the GLOBAL adapter, 1 - w sim(x) on the
+    # local one, sim from the last prompt token of base + local adapter; uniform FedAvg.
+    # "pre_issue16" = this repository's first port: local trained as L + a G, weight
+    # clip(w sim(x), 0, w) on the LOCAL adapter (blend (1 - s) G + s / (1 - a) L), sim from the
+    # base model's mean-pooled input embeddings, sample-weighted FedAvg (docs/FAITHFULNESS.md 1).
+    variant: Literal["reference", "pre_issue16"] = "reference"
     mixing: Literal["dynamic", "fixed"] = "dynamic"
     fixed_weight: float = 0.5  # weight of the global adapter when mixing: fixed
-    train_weight: float = 0.5  # weight of the frozen global adapter while training the local one
-    max_weight: float = 0.5  # dynamic: local weight = max_weight * mean cosine similarity
+    train_weight: float = 0.5  # a: weight of the local adapter (reference) / of the frozen global one (pre_issue16) while training the local one
+    max_weight: float = 0.5  # dynamic: w, the weight = w * mean cosine similarity
     instance_num: int = 5  # dynamic: local training samples compared per test sample (0 = all)
 
 
@@ -610,6 +633,7 @@ def validate(cfg: FedRouterConfig) -> None:
 
     need(lo.rank >= 1, f"lora.rank: expected >= 1, got {lo.rank}")
     need(lo.alpha > 0, f"lora.alpha: expected > 0, got {lo.alpha}")
+    need(0.0 <= lo.dropout < 1.0, f"lora.dropout: expected in [0, 1), got {lo.dropout}")
     need(len(lo.targets) >= 1, "lora.targets: expected at least one target module")
     for i, tgt in enumerate(lo.targets):
         need(tgt in LORA_TARGETS,
@@ -644,6 +668,10 @@ def validate(cfg: FedRouterConfig) -> None:
     need(t.lr_min >= 0, f"train.lr_min: expected >= 0, got {t.lr_min}")
     need(t.lr_min <= t.lr, f"train.lr_min: expected <= train.lr ({t.lr}), got {t.lr_min}")
     need(t.weight_decay >= 0, f"train.weight_decay: expected >= 0, got {t.weight_decay}")
+    need(0.0 < t.adam_b1 < 1.0, f"train.adam_b1: expected in (0, 1), got {t.adam_b1}")
+    need(0.0 < t.adam_b2 < 1.0, f"train.adam_b2: expected in (0, 1), got {t.adam_b2}")
+    need(0.0 < t.adam_eps <= 1.0, f"train.adam_eps: expected in (0, 1], got {t.adam_eps}")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm: expected >= 0 (0 = no clipping), got {t.max_grad_norm}")
     need(t.client_mesh_devices >= 0,
          f"train.client_mesh_devices: expected >= 0 (0 = all devices), got "
          f"{t.client_mesh_devices}")

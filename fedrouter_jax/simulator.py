@@ -273,11 +273,14 @@ class Simulator:
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_plan(self, state: SimState, mode: str) -> EvalPlan:
-        return eval_plan(self.method, self.env, state, self.inputs, mode)
+        return eval_plan(self.method, self.env, state, self.inputs, mode, base=self.base)
 
 
-def eval_plan(method: Method, env: Env, state: SimState, inputs: ClientInputs, mode: str) -> EvalPlan:
-    """server_route + every client's client_route -> one stack [shared | own of client 0 | ...]."""
+def eval_plan(method: Method, env: Env, state: SimState, inputs: ClientInputs, mode: str, base=None) -> EvalPlan:
+    """server_route + every client's client_route -> one stack [shared | own of client 0 | ...].
+    A method with `route_features` first computes them with the `base` model (FedDPA)."""
+    if method.route_features is not None:
+        inputs = method.route_features(env, base, state.clients, inputs)
     msg = method.server_route(env, state.server, mode)
     r = method.client_route(env, state.clients, msg, inputs, mode)
     n_shared = 0 if msg.adapters is None else jax.tree.leaves(msg.adapters)[0].shape[0]

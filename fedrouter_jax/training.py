@@ -6,6 +6,7 @@ enter optimizer state; under the client `vmap` they are broadcast (`in_axes=None
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -35,6 +36,47 @@ def make_optimizer(weight_decay: float = 0.0) -> optax.GradientTransformation:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The training step's settings from the config (hashable: a static argument of the round).
+
+    adam_b1 / adam_b2 / adam_eps: written into the AdamW state each round (`set_hyperparams`),
+    as the learning rate is, so they hold whatever optimizer object the caller built.
+    max_grad_norm: the gradient is clipped to this global norm before AdamW
+    (`optax.clip_by_global_norm`, what HF Trainer's `clip_grad_norm_` does); 0 = off.
+    lora_dropout: dropout rate on each adapter's input while training (`llama.transformer`);
+    0 = off. None of these exist at evaluation.
+    """
+
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0
+    lora_dropout: float = 0.0
+
+
+def step_settings(train_cfg, lora_cfg) -> StepSettings:
+    """StepSettings of a run: `train.adam_*`, `train.max_grad_norm`, `lora.dropout`."""
+    return StepSettings(float(train_cfg.adam_b1), float(train_cfg.adam_b2), float(train_cfg.adam_eps),
+                        float(train_cfg.max_grad_norm), float(lora_cfg.dropout))
+
+
+def set_hyperparams(opt_state, settings: StepSettings) -> optax.OptState:
+    """`opt_state` with AdamW's b1, b2 and eps from `settings` (works on stacked states)."""
+    hp = dict(opt_state.hyperparams)
+    for name, value in (("b1", settings.adam_b1), ("b2", settings.adam_b2), ("eps", settings.adam_eps)):
+        hp[name] = jnp.broadcast_to(jnp.asarray(value, hp[name].dtype), jnp.shape(hp[name]))
+    return opt_state._replace(hyperparams=hp)
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """`grads` scaled to global norm `max_norm` where larger (`optax.clip_by_global_norm`); 0 = as is."""
+    if not max_norm:
+        return grads
+    clipped, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    return clipped
+
+
 def set_learning_rate(opt_state, lr) -> optax.OptState:
     """Return `opt_state` with its injected learning rate replaced (works on stacked states)."""
     hp = dict(opt_state.hyperparams)
@@ -43,11 +85,14 @@ def set_learning_rate(opt_state, lr) -> optax.OptState:
 
 
 def with_frozen(trainable: LoraStack, frozen: Optional[LoraStack], frozen_weight=1.0) -> LoraStack:
-    """One adapter whose update is `trainable + frozen_weight * frozen`, by concatenating ranks.
+    """One adapter whose update is `u * trainable + frozen_weight * frozen`, by concatenating ranks.
 
     `x a1 b1 + x a2 b2 = x [a1|a2] [b1;b2]`, and `stop_gradient` keeps the frozen half out of the
     gradient. Used by methods that train a local adapter on top of a fixed global one (FedDPA).
-    Both must share alpha and rank (so the common `alpha / R` scale stays right).
+    Both must share alpha and rank (so the common `alpha / R` scale stays right). u is 1, or the
+    frozen target's optional leaf "trainable_weight" (a scalar per adapter): a weight of the
+    trained adapter INSIDE the forward (FedDPA's reference trains `0.5 L + 0.5 sg(G)`), so its
+    gradient is u times that of the plain adapter.
     """
     if frozen is None:
         return trainable
@@ -55,9 +100,10 @@ def with_frozen(trainable: LoraStack, frozen: Optional[LoraStack], frozen_weight
     merged = {}
     for t, p in trainable.params.items():
         f = jax.tree.map(jax.lax.stop_gradient, frozen.params[t])
+        own_b = p["b"] if "trainable_weight" not in f else f["trainable_weight"] * p["b"]
         merged[t] = {
             "a": jnp.concatenate([p["a"], f["a"]], axis=-1),
-            "b": jnp.concatenate([p["b"], w * f["b"]], axis=-2),
+            "b": jnp.concatenate([own_b, w * f["b"]], axis=-2),
         }
     # rank doubles, so halve alpha to keep each half's scale at alpha / R
     return LoraStack(params=merged, alpha=trainable.alpha * 2)
@@ -100,12 +146,13 @@ def response_loss_on_loss_tokens(base: dict, hidden: jax.Array, batch: Batch, cf
 
 
 def lora_loss(lora: LoraStack, base: dict, batch: Batch, cfg: LlamaConfig, frozen=None, remat=False,
-              head_tokens: Optional[int] = None, layer_loop: str = "auto", rope=None):
+              head_tokens: Optional[int] = None, layer_loop: str = "auto", rope=None, dropout=None):
     """(loss, (n_tokens, overflow)). `head_tokens`: see `response_loss_on_loss_tokens`; None
     computes the head on all B x T positions. `layer_loop`: see `llama.unroll_layers`.
-    `rope`: the batch's precomputed `llama.rope_tables` (None: computed in the forward)."""
+    `rope`: the batch's precomputed `llama.rope_tables` (None: computed in the forward).
+    `dropout`: (rate, key) of LoRA dropout (`llama.transformer`), or None."""
     lora = with_frozen(lora, frozen)
-    run = dict(cfg=cfg, lora=lora, remat=remat, layer_loop=layer_loop, rope=rope)
+    run = dict(cfg=cfg, lora=lora, remat=remat, layer_loop=layer_loop, rope=rope, lora_dropout=dropout)
     if head_tokens is None:
         loss, n = response_loss(llama.apply(base, batch.tokens, batch.mask, **run), batch)
         return loss, (n, jnp.zeros((), jnp.int32))
@@ -128,25 +175,28 @@ def lora_train_step(
     head_tokens: Optional[int] = None,
     layer_loop: str = "auto",
     rope=None,
+    settings: StepSettings = StepSettings(),
 ):
     """One AdamW step on a single adapter. batch leaves [B, T] -> (lora, opt_state, metrics).
 
-    `key` is accepted for stochastic regularisers (LoRA dropout is 0 here, as in the paper's
-    setup) so the signature does not change when one is added. metrics: loss, n_tokens,
-    grad_norm, head_overflow (all scalars; the runner checks them once per round).
-    `head_tokens`: compute the LM head only on that many loss positions (see `lora_loss`).
+    `key` draws the LoRA dropout masks (`settings.lora_dropout`; unused at 0). The gradient is
+    clipped to `settings.max_grad_norm` (0: not clipped) before the optimizer. metrics: loss,
+    n_tokens, grad_norm (before clipping, as HF Trainer logs it), head_overflow (all scalars;
+    the runner checks them once per round). `head_tokens`: compute the LM head only on that
+    many loss positions (see `lora_loss`).
     """
-    del key
+    dropout = (settings.lora_dropout, key) if settings.lora_dropout > 0 else None
     (loss, (n, overflow)), grads = jax.value_and_grad(lora_loss, has_aux=True)(
-        lora, base, batch, cfg, frozen, remat, head_tokens, layer_loop, rope)
+        lora, base, batch, cfg, frozen, remat, head_tokens, layer_loop, rope, dropout)
+    grad_norm = optax.tree.norm(grads)
+    grads = clip_by_global_norm(grads, settings.max_grad_norm)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
-    return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.tree.norm(grads),
-                             "head_overflow": overflow}
+    return lora, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": grad_norm, "head_overflow": overflow}
 
 
 def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, frozen=None, remat=False,
-                head_tokens=None, layer_loop="auto"):
+                head_tokens=None, layer_loop="auto", settings: StepSettings = StepSettings()):
     """S steps by `lax.scan` over batches [S, B, T] -> (lora, opt_state, metrics [S])."""
     keys = jax.random.split(key, batches.tokens.shape[0])
     # With the layers unrolled, RoPE's cos/sin for all S batches are computed here, before the
@@ -160,7 +210,7 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
         batch, k, rope = xs
         lora, opt_state, m = lora_train_step(
             base, lora, opt_state, batch, k, cfg=cfg, optimizer=optimizer, frozen=frozen, remat=remat,
-            head_tokens=head_tokens, layer_loop=layer_loop, rope=rope,
+            head_tokens=head_tokens, layer_loop=layer_loop, rope=rope, settings=settings,
         )
         return (lora, opt_state), m
 
@@ -202,11 +252,11 @@ def map_in_chunks(fn, xs, chunk: Optional[int]):
     return jax.tree.map(merge, ys)
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk", "head_tokens", "layer_loop"),
-         donate_argnums=(1, 2))
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "remat", "client_chunk", "head_tokens", "layer_loop",
+                                   "settings"), donate_argnums=(1, 2))
 def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=None, *, cfg, optimizer,
                         remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None,
-                        layer_loop: str = "auto"):
+                        layer_loop: str = "auto", settings: StepSettings = StepSettings()):
     """All clients' local training of one round in ONE compiled call.
 
     loras, opt_states: leading axis C; batches leaves [C, S, B, T]; keys [C, 2];
@@ -218,12 +268,13 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
     activation memory (C x activations otherwise) and keeps a CPU's working set in cache.
     The result does not depend on it. `head_tokens`: the LM head on loss positions only (see
     `response_loss_on_loss_tokens`; metrics["head_overflow"] must be 0). `layer_loop`: scan or
-    unroll the layers (`llama.unroll_layers`; the result does not depend on it).
+    unroll the layers (`llama.unroll_layers`; the result does not depend on it). `settings`:
+    clipping and LoRA dropout of each step (`StepSettings`).
     """
     def run(xs):
         lora, opt, b, k, fr = xs
         return local_steps(base, lora, opt, b, k, cfg=cfg, optimizer=optimizer, frozen=fr, remat=remat,
-                           head_tokens=head_tokens, layer_loop=layer_loop)
+                           head_tokens=head_tokens, layer_loop=layer_loop, settings=settings)
 
     return map_in_chunks(run, (loras, opt_states, batches, keys, frozen), client_chunk)
 
@@ -262,17 +313,23 @@ def client_chunk_size(setting, n_clients: int, tokens_per_client: int, n_devices
 
 def train_slots(base, start: LoraStack, frozen: Optional[LoraStack], opt_states, batches: Batch, keys, lr, *,
                 cfg, optimizer, remat=False, client_chunk: Optional[int] = None, head_tokens: Optional[int] = None,
-                layer_loop: str = "auto"):
+                layer_loop: str = "auto", settings: Optional[StepSettings] = None):
     """Local training of J slots from `start` (leaves [J, ...]) at learning rate `lr`.
 
     opt_states: [J, ...] moments carried from an earlier round, or None for fresh AdamW state.
     batches leaves [J, S, B, T]; keys [J, 2]. -> (trained [J, ...], opt_states, metrics [J, S]).
     The training itself is `clients_local_steps` (see there for chunking and the LM head).
+    settings: the run's `StepSettings` (AdamW b1/b2/eps written into the state, clipping, LoRA
+    dropout); None keeps the optimizer's own hyperparameters, no clipping, no dropout.
     """
     opt_states = init_opt_states(optimizer, start, lr) if opt_states is None else set_learning_rate(opt_states, lr)
+    if settings is None:
+        settings = StepSettings()
+    else:
+        opt_states = set_hyperparams(opt_states, settings)
     return clients_local_steps(base, start, opt_states, batches, keys, frozen, cfg=cfg, optimizer=optimizer,
                                remat=remat, client_chunk=client_chunk, head_tokens=head_tokens,
-                               layer_loop=layer_loop)
+                               layer_loop=layer_loop, settings=settings)
 
 
 def init_opt_states(optimizer, loras: LoraStack, lr) -> optax.OptState:

@@ -158,11 +158,13 @@ def test_feddpa_dynamic_weights_by_hand():
 
 @pytest.mark.parametrize("mixing", ["dynamic", "fixed"])
 def test_feddpa_eval_blend_is_the_hand_combination(mixing):
+    """pre_issue16: alpha on the local adapter, from the base model's input embeddings."""
     test_emb = [np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), np.array([[0.0, 1.0]], np.float32)]
     train_emb = [np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[0.0, 2.0]], np.float32)]
     env, inputs = make_env(train_emb, test_emb, ["lora.rank=2", "lora.targets=[q_proj, v_proj]",
                                                  f"feddpa.mixing={mixing}", "feddpa.fixed_weight=0.7",
-                                                 "feddpa.instance_num=0", "feddpa.train_weight=0.5"])
+                                                 "feddpa.instance_num=0", "feddpa.train_weight=0.5",
+                                                 "feddpa.variant=pre_issue16"])
     m, clients, server = setup("feddpa", env, inputs)
     keys = iter(jax.random.split(jax.random.PRNGKey(5), 8))
     rand = lambda t: jax.tree.map(lambda x: np.asarray(jax.random.normal(next(keys), x.shape)), t)  # noqa: E731
@@ -193,7 +195,8 @@ def test_feddpa_eval_blend_is_the_hand_combination(mixing):
 
 
 def test_feddpa_slots_frozen_and_aggregate():
-    env, inputs = random_env((1, 3), ["feddpa.train_weight=0.25"])
+    """pre_issue16: local slot L + tw sg(G), sample-weighted FedAvg."""
+    env, inputs = random_env((1, 3), ["feddpa.train_weight=0.25", "feddpa.variant=pre_issue16"])
     m, clients, server = setup("feddpa", env, inputs)
     server = server.replace(adapters=jax.tree.map(lambda x: x + 1.0, server.adapters))  # non-zero B
     for r in (0, 1):
@@ -214,6 +217,39 @@ def test_feddpa_slots_frozen_and_aggregate():
     _, _, rows1, _, _ = fake_round(m, env, inputs, clients, server, 1, trained)
     np.testing.assert_array_equal(leaf_values(rows1.adapters, "a"), [5.0, 6.0])
     np.testing.assert_array_equal(leaf_values(rows1.adapters, "b"), [7.0, 8.0])
+
+
+def test_feddpa_reference_slots_and_uniform_aggregate():
+    """reference: local slot a L + (1 - a) sg(G) (a inside the forward), uniform FedAvg."""
+    env, inputs = random_env((1, 3), ["feddpa.train_weight=0.25"])
+    m, clients, server = setup("feddpa", env, inputs)
+    server = server.replace(adapters=jax.tree.map(lambda x: x + 1.0, server.adapters))
+    msg = m.server_plan(env, server, 1, np.arange(2))
+    start, frozen = m.client_slots(env, clients, msg)
+    for t, g in server.adapters.items():
+        np.testing.assert_array_equal(np.asarray(frozen[t]["b"][:, 0]), 0.0)
+        np.testing.assert_allclose(np.asarray(frozen[t]["b"][:, 1]), 0.75 * np.repeat(g["b"], 2, 0))
+        np.testing.assert_array_equal(np.asarray(frozen[t]["trainable_weight"]), [[1.0, 0.25], [1.0, 0.25]])
+    trained = lambda st: filled_like(st, [[1.0, 5.0], [2.0, 6.0]], [[4.0, 7.0], [-4.0, 8.0]])  # noqa: E731
+    _, _, _, _, s0 = fake_round(m, env, inputs, clients, server, 0, trained)
+    np.testing.assert_allclose(leaf_values(s0.adapters, "a"), [1.5])  # (1 + 2) / 2, not (1 + 3 * 2) / 4
+    np.testing.assert_allclose(leaf_values(s0.adapters, "b"), [0.0])
+
+
+@pytest.mark.parametrize("mixing", ["dynamic", "fixed"])
+def test_feddpa_reference_route_puts_the_weight_on_the_global_adapter(mixing):
+    env, inputs = random_env((1, 3), [f"feddpa.mixing={mixing}", "feddpa.fixed_weight=0.7", "feddpa.max_weight=0.5"])
+    m, clients, server = setup("feddpa", env, inputs)
+    sim = np.array([[0.6, -0.2], [0.4, 1.0]], np.float32)  # not clipped: the reference does not clip
+    r = route(m, env, clients, server, inputs.replace(route_features=sim))
+    weight = 0.5 * sim if mixing == "dynamic" else np.full((2, 2), 0.7)
+    np.testing.assert_array_equal(r.ids, 0)       # the shared global adapter ...
+    np.testing.assert_array_equal(r.mix_ids, 1)   # ... blended with the client's own local one
+    np.testing.assert_allclose(r.self_weight, weight, rtol=1e-6)
+    np.testing.assert_allclose(r.mix_weight, 1.0 - weight, rtol=1e-6)
+    if mixing == "dynamic":
+        with pytest.raises(ValueError, match="route_features"):
+            route(m, env, clients, server, inputs)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -11,8 +11,8 @@ import numpy as np
 from fedrouter_jax.lora import take
 import pytest
 
-from fedrouter_jax.training import (Batch, client_chunk_size, clients_local_steps, init_opt_states, lora_loss,
-                                    lora_train_step, make_optimizer, map_in_chunks, set_learning_rate)
+from fedrouter_jax.training import (Batch, StepSettings, client_chunk_size, clients_local_steps, init_opt_states,
+                                    lora_loss, lora_train_step, make_optimizer, map_in_chunks, set_learning_rate)
 
 from helpers import random_batch, random_lora, tiny_model
 
@@ -29,7 +29,9 @@ def setup():
     return cfg, base, loras, opt, states, batches, keys
 
 
-def test_client_mapped_equals_python_loop():
+@pytest.mark.parametrize("settings", [StepSettings(), StepSettings(max_grad_norm=0.05, lora_dropout=0.1)],
+                         ids=["plain", "clip_and_dropout"])
+def test_client_mapped_equals_python_loop(settings):
     cfg, base, loras, opt, states, batches, keys = setup()
     ref_loras, ref_losses = [], []
     for c in range(C):
@@ -37,12 +39,13 @@ def test_client_mapped_equals_python_loop():
         losses = []
         for s in range(S):
             batch = Batch(*(x[c, s] for x in batches))
-            lora, st, m = jax.jit(lora_train_step, static_argnames=("cfg", "optimizer"))(
-                base, lora, st, batch, keys[c], cfg=cfg, optimizer=opt)
+            lora, st, m = jax.jit(lora_train_step, static_argnames=("cfg", "optimizer", "settings"))(
+                base, lora, st, batch, jax.random.split(keys[c], S)[s], cfg=cfg, optimizer=opt, settings=settings)
             losses.append(float(m["loss"]))
         ref_loras.append(lora)
         ref_losses.append(losses)
-    out, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt)
+    out, _, metrics = clients_local_steps(base, loras, states, batches, keys, cfg=cfg, optimizer=opt,
+                                          settings=settings)
     np.testing.assert_allclose(np.asarray(metrics["loss"]), np.array(ref_losses), rtol=1e-5, atol=1e-6)
     for c in range(C):
         for got, want in zip(jax.tree.leaves(take(out, c)), jax.tree.leaves(ref_loras[c])):

@@ -8,6 +8,8 @@ calls it once for all clients and a deployment calls it with a stack of one; row
   client_update(env, base, client_state, msg, batches, opt_state, keys, lr)
                                               -> (client_state, Reply, opt_state)   (trains the slots)
   client_route(env, client_state, route_msg, inputs, mode) -> Routing   (which adapter serves each test sample)
+  route_features(env, base, client_state, inputs) -> inputs   (optional, before client_route: features of
+                                              the client's own prompts computed with its own model; FedDPA)
 
 Server side:
 
@@ -37,6 +39,7 @@ from flax import struct
 
 from fedrouter_jax.lora import LoraStack, init_lora
 from fedrouter_jax.models.config import LlamaConfig
+from fedrouter_jax.training import step_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,10 @@ class ClientInputs:
 
     client_id [C] int32; train_emb [C, N, D] float32 (zero rows past a client's data) with
     train_mask [C, N]; test_emb [C, M, D] with test_mask [C, M]: base-model embeddings of the
-    raw task inputs.
+    raw task inputs. Optional (None unless the runner gives them): train_prompt [C, N, T] int32 /
+    train_prompt_mask [C, N, T] bool and test_prompt / test_prompt_mask [C, M, T'] the left-padded
+    generation prompts (BOS + prompt, no response) of the same samples; route_features: what a
+    method's `route_features` computed from them for `client_route` (FedDPA: [C, N + M, D]).
     """
 
     client_id: Any
@@ -74,6 +80,11 @@ class ClientInputs:
     train_mask: Any
     test_emb: Any
     test_mask: Any
+    train_prompt: Any = None
+    train_prompt_mask: Any = None
+    test_prompt: Any = None
+    test_prompt_mask: Any = None
+    route_features: Any = None
 
     @property
     def n_train(self) -> np.ndarray:
@@ -143,6 +154,8 @@ class Method:
     batch_stream: Callable = None  # (env, client, slot) -> int; None: client * slots + slot
     jit_aggregate: bool = True  # False: server_aggregate runs on the host (e.g. scipy clustering)
     log_plan: Callable = None  # msg -> JSON-able dict for metrics.jsonl (optional)
+    # (env, base, client_state, inputs) -> inputs with route_features set; None: not needed
+    route_features: Callable = None
     description: str = ""
 
     def stream(self, env: Env, client, slot):
@@ -166,7 +179,8 @@ class Method:
         unflat = lambda t: jax.tree.map(lambda x: x.reshape((p, s) + x.shape[1:]), t)  # noqa: E731
         slot_keys = jax.vmap(lambda k: jax.random.split(k, s))(keys).reshape(p * s, -1)
         trained, opt_state, metrics = train_fn(base, env.stack(flat(start)), None if frozen is None else
-                                               env.stack(flat(frozen)), flat(opt_state), flat(batches), slot_keys, lr)
+                                               env.stack(flat(frozen)), flat(opt_state), flat(batches), slot_keys, lr,
+                                               settings=step_settings(env.config.train, env.config.lora))
         trained, opt_state, metrics = unflat(trained.params), unflat(opt_state), unflat(metrics)
         finite = _all_finite_rows(metrics["loss"], metrics["grad_norm"], trained)
         reply = Reply(adapters=trained, weight=jnp.asarray(pool_size, jnp.float32), loss=metrics["loss"], grad_norm=metrics["grad_norm"],

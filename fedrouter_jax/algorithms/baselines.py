@@ -15,12 +15,15 @@ and evaluation as FedRouter. Shapes: C clients, P participants this round, K clu
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from fedrouter_jax.algorithms.base import Env, Method, RouteMessage, Routing, pool_all, register, rows, same_init
+from fedrouter_jax.models import llama
 from fedrouter_jax.tree_util import segment_weighted_mean, weighted_mean
 
 
@@ -352,11 +355,20 @@ FEDCLUSTER = register(Method(
 
 
 # ----------------------------------------------------------------------------- FedDPA
+#
+# `feddpa.variant` (docs/FAITHFULNESS.md section 1; a = train_weight, w = max_weight):
+#   reference    the released code (Lydia-yang/FedDPA): local slot trained as a L + (1 - a) sg(G);
+#                test sample x served by w sim(x) G + (1 - w sim(x)) L, sim = the mean cosine of
+#                x's last-prompt-token state under base + L to those of `instance_num` of the
+#                client's training samples (`route_features`); uniform FedAvg of G.
+#   pre_issue16  this repository's first port: local trained as L + a sg(G); x served by
+#                (1 - s) G + s / (1 - a) L, s = clip(w sim(x), 0, w) from the base model's
+#                mean-pooled input embeddings; sample-weighted FedAvg.
 
 
 def dynamic_weights(test_emb: np.ndarray, train_emb: np.ndarray, *, max_weight: float, instance_num: int,
                     rng: np.random.Generator) -> np.ndarray:
-    """FedDPA's instance-wise weight of the LOCAL adapter for each test sample.
+    """FedDPA's instance-wise weight of the LOCAL adapter for each test sample (pre_issue16).
 
     alpha(x) = max_weight * mean_{i in S(x)} cos(e(x), e(x_i)), with S(x) `instance_num` local
     training samples drawn at random for each test sample (all of them if instance_num is 0 or
@@ -370,6 +382,40 @@ def dynamic_weights(test_emb: np.ndarray, train_emb: np.ndarray, *, max_weight: 
         pick = np.stack([rng.choice(m, size=instance_num, replace=False) for _ in range(len(test_emb))])
         s = np.take_along_axis(sim, pick, axis=1).mean(axis=1)
     return np.clip(max_weight * s, 0.0, max_weight).astype(np.float32)
+
+
+def instance_draws(n_train: int, n_test: int, instance_num: int, rng: np.random.Generator) -> np.ndarray:
+    """S(x) of each test sample: `instance_num` training indices drawn without replacement, anew
+    for every test sample (the reference's `random.sample`, seeded here); all `n_train` when
+    instance_num is 0 or >= n_train. -> [n_test, m] int."""
+    if instance_num <= 0 or instance_num >= n_train:
+        return np.broadcast_to(np.arange(n_train), (n_test, n_train))
+    return np.stack([rng.choice(n_train, size=instance_num, replace=False) for _ in range(n_test)]).reshape(n_test, -1)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _last_token_batch(base, lora, tokens, mask, *, cfg):
+    hidden = llama.transformer(base, tokens, mask, cfg=cfg, lora=lora)
+    last = mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # last real token of each row
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def last_token_states(base: dict, cfg, lora, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Final-normed last-layer state at each prompt's last real token, under base + `lora` (one
+    adapter, weight 1; the reference's `hidden_states[-1][:, -1]` of left-padded prompts).
+    tokens, mask [N, T] -> [N, D] float32 (batches padded to `batch_size`: one compile)."""
+    out = np.zeros((tokens.shape[0], cfg.hidden_size), np.float32)
+    for s in range(0, tokens.shape[0], batch_size):
+        t, m = tokens[s: s + batch_size], mask[s: s + batch_size]
+        k = t.shape[0]
+        if k < batch_size:
+            t, m = np.concatenate([t, np.repeat(t[:1], batch_size - k, 0)]), np.concatenate([m, np.repeat(m[:1], batch_size - k, 0)])
+        out[s: s + k] = np.asarray(_last_token_batch(base, lora, jnp.asarray(t), jnp.asarray(m), cfg=cfg))[:k]
+    return out
+
+
+def _is_reference(env: Env) -> bool:
+    return env.config.feddpa.variant == "reference"
 
 
 @struct.dataclass
@@ -400,12 +446,20 @@ def _feddpa_plan(env: Env, state: AdapterState, round_idx: int, participants) ->
 
 
 def _feddpa_slots(env: Env, state: AdapterState, task: DPATask):
-    """Slot 0: the global adapter alone; slot 1: the local adapter on top of tw x the frozen global."""
-    tw = float(env.config.feddpa.train_weight)
+    """Slot 0: the global adapter alone. Slot 1: the local adapter on top of the frozen global
+    one: a L + (1 - a) sg(G) (reference; a inside the forward, `training.with_frozen`'s
+    trainable_weight) or L + a sg(G) (pre_issue16)."""
+    a = float(env.config.feddpa.train_weight)
+    own, frozen_w = (a, 1.0 - a) if _is_reference(env) else (1.0, a)
     g, loc = task.adapters, state.adapters
-    start = jax.tree.map(lambda a, b: jnp.stack([a, b], axis=1), g, loc)
-    frozen = {t: {"a": jnp.stack([jnp.zeros_like(p["a"]), p["a"]], axis=1),
-                  "b": jnp.stack([jnp.zeros_like(p["b"]), tw * p["b"]], axis=1)} for t, p in g.items()}
+    start = jax.tree.map(lambda x, y: jnp.stack([x, y], axis=1), g, loc)
+    p = jax.tree.leaves(g)[0].shape[0]
+    frozen = {}
+    for t, q in g.items():
+        frozen[t] = {"a": jnp.stack([jnp.zeros_like(q["a"]), q["a"]], axis=1),
+                     "b": jnp.stack([jnp.zeros_like(q["b"]), frozen_w * q["b"]], axis=1)}
+        if own != 1.0:
+            frozen[t]["trainable_weight"] = jnp.tile(jnp.asarray([1.0, own], jnp.float32), (p, 1))
     return start, frozen
 
 
@@ -417,11 +471,61 @@ def _feddpa_reply(env: Env, state: AdapterState, task: DPATask, trained, reply):
     return new, reply.replace(adapters=jax.tree.map(lambda x: x[:, :1], trained), weight=reply.weight[:, :1])
 
 
+def _feddpa_aggregate(env, state: AdapterState, task, reply, arrived, participants, round_idx) -> AdapterState:
+    """FedAvg of the global slots: uniform over the arrived replies (reference,
+    `fed_utils/model_aggregation.py`) or sample-weighted (pre_issue16)."""
+    if _is_reference(env):
+        reply = reply.replace(weight=(reply.weight > 0).astype(jnp.float32))
+    return _fedit_aggregate(env, state, task, reply, arrived, participants, round_idx)
+
+
+def _feddpa_route_features(env: Env, base: dict, state: AdapterState, inputs):
+    """reference, dynamic mixing: each client's sim(x) [C, M] (`route_features`), computed with
+    base + its own local adapter on its own prompts (`last_token_states`). The training samples
+    compared with each test sample are drawn here (seed, client), so only those are embedded."""
+    dc = env.config.feddpa
+    if not _is_reference(env) or dc.mixing == "fixed":
+        return inputs
+    if inputs.train_prompt is None or inputs.test_prompt is None:
+        raise ValueError("feddpa.variant: reference needs the clients' prompt tokens in the route inputs "
+                         "(ClientInputs.train_prompt / test_prompt, set by runner.prepare)")
+    test_m, train_m = np.asarray(inputs.test_mask, bool), np.asarray(inputs.train_mask, bool)
+    sim = np.zeros(test_m.shape, np.float32)
+    batch = int(env.config.eval.batch_size)
+    for c, cid in enumerate(np.asarray(inputs.client_id)):
+        n_test, n_train = int(test_m[c].sum()), int(train_m[c].sum())
+        if n_test == 0 or n_train == 0:
+            continue
+        draws = instance_draws(n_train, n_test, int(dc.instance_num), np.random.default_rng([int(env.config.seed), 7, int(cid)]))
+        used, where = np.unique(draws, return_inverse=True)
+        lora = env.stack(jax.tree.map(lambda x: jnp.asarray(x[c]), state.adapters))
+        te = last_token_states(base, env.model_cfg, lora, np.asarray(inputs.test_prompt[c])[test_m[c]],
+                               np.asarray(inputs.test_prompt_mask[c])[test_m[c]], batch)
+        tr = last_token_states(base, env.model_cfg, lora, np.asarray(inputs.train_prompt[c])[train_m[c]][used],
+                               np.asarray(inputs.train_prompt_mask[c])[train_m[c]][used], batch)
+        cos = cosine_similarity_matrix(np.concatenate([te, tr]))[:n_test, n_test:]  # [n_test, |used|]
+        sim[c, :n_test] = np.take_along_axis(cos, where.reshape(draws.shape), axis=1).mean(axis=1)
+    return inputs.replace(route_features=sim)
+
+
 def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode: str) -> Routing:
-    """Shared [global] + own [local]; per sample (1 - a) dW(G) + a / (1 - tw) dW(L_c)."""
+    """Shared [global] + own [local]; per test sample a blend of the two (see the variants above)."""
     dc, seed = env.config.feddpa, int(env.config.seed)
-    tw = float(dc.train_weight)
     m = np.asarray(inputs.test_mask, bool)
+    own = jax.tree.map(lambda x: np.asarray(x)[:, None], state.adapters)
+    ids, mix_ids = np.where(m, 0, -1).astype(np.int32), np.where(m, 1, -1).astype(np.int32)
+    if _is_reference(env):  # weight(x) on the global adapter, 1 - weight(x) on the local one
+        if dc.mixing == "fixed":
+            weight = np.where(m, dc.fixed_weight, 0.0)
+        elif inputs.route_features is None:
+            raise ValueError("feddpa.variant: reference routes with route_features (call the method's "
+                             "route_features(env, base, client_state, inputs) first)")
+        else:
+            weight = dc.max_weight * np.asarray(inputs.route_features, np.float32)
+        weight = np.where(m, weight, 0.0).astype(np.float32)
+        return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=np.where(m, 1.0 - weight, 0.0).astype(np.float32),
+                       self_weight=weight)
+    tw = float(dc.train_weight)
     alpha = np.zeros(m.shape, np.float32)
     for c, cid in enumerate(np.asarray(inputs.client_id)):
         test, train = np.asarray(inputs.test_emb[c])[m[c]], np.asarray(inputs.train_emb[c])[np.asarray(inputs.train_mask[c], bool)]
@@ -431,9 +535,7 @@ def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode
             alpha[c, : len(test)] = dynamic_weights(test.astype(np.float32), train.astype(np.float32),
                                                     max_weight=dc.max_weight, instance_num=dc.instance_num,
                                                     rng=np.random.default_rng([seed, 7, int(cid)]))
-    ids = np.where(m, 0, -1).astype(np.int32)
-    return Routing(own=jax.tree.map(lambda x: np.asarray(x)[:, None], state.adapters), ids=ids,
-                   mix_ids=np.where(m, 1, -1).astype(np.int32), mix_weight=(alpha / (1.0 - tw)).astype(np.float32),
+    return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=(alpha / (1.0 - tw)).astype(np.float32),
                    self_weight=(1.0 - alpha).astype(np.float32))
 
 
@@ -441,10 +543,10 @@ FEDDPA = register(Method(
     name="feddpa", slots=lambda env: 2,
     client_setup=_feddpa_client_setup, client_pools=lambda env, s, task, inputs: pool_all(inputs.train_mask, 2),
     client_slots=_feddpa_slots, client_reply=_feddpa_reply, client_route=_feddpa_route,
-    server_setup=_feddpa_server_setup, server_plan=_feddpa_plan, server_aggregate=_fedit_aggregate,
-    server_route=_shared_route,
+    server_setup=_feddpa_server_setup, server_plan=_feddpa_plan, server_aggregate=_feddpa_aggregate,
+    server_route=_shared_route, route_features=_feddpa_route_features,
     # slot s of client c: stream s * C + c (global slots of all clients first, as before this split)
     batch_stream=lambda env, client, slot: slot * env.n_clients + client,
     description=("FedDPA-T: global adapter by FedAvg + a local adapter trained on top of the frozen global one; "
-                 "instance-wise dynamic weighting at test time"),
+                 "instance-wise dynamic weighting at test time (feddpa.variant)"),
 ))

@@ -9,6 +9,7 @@ from fedrouter_jax.data.batching import (
     encode_inputs,
     encode_prompts,
     input_texts,
+    prompt_inputs,
     prompt_texts,
     sample_round_batches,
     tokenize_examples,
@@ -29,7 +30,7 @@ __all__ = [
     "TASKS", "SCENARIOS", "RESPONSE_SEPARATOR", "DataError", "FederatedData", "TokenizedSet",
     "TruncationReport", "build_scenario", "convert_rows", "encode_inputs", "encode_prompts",
     "format_prompt", "generate_examples", "generate_task", "generic_corpus", "input_texts",
-    "load_real_task", "load_real_tasks", "load_tokenizer", "prompt_texts",
+    "load_real_task", "load_real_tasks", "load_tokenizer", "prompt_inputs", "prompt_texts",
     "sample_round_batches", "save_tokenizer", "tokenize_examples", "train_tokenizer",
     "validate_examples",
 ]

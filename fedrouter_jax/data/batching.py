@@ -344,3 +344,18 @@ def trim_padding(batches: dict, multiple: int = 32) -> dict:
     for name in ("tokens", "mask", "loss_mask"):
         out[name] = batches[name][..., :keep]
     return out
+
+
+def prompt_inputs(train_prompts: Sequence[tuple], test_prompts: Sequence[tuple]) -> dict:
+    """Per-client (tokens [N_c, T], mask [N_c, T]) prompts stacked into the route inputs' fields
+    (`algorithms.base.ClientInputs`): train_prompt / train_prompt_mask [C, N, T], test_* [C, M, T];
+    rows past a client's samples are empty (mask False)."""
+    def stack(prompts):
+        n, t = max(p[0].shape[0] for p in prompts), prompts[0][0].shape[1]
+        tok, msk = np.zeros((len(prompts), n, t), np.int32), np.zeros((len(prompts), n, t), bool)
+        for c, (x, m) in enumerate(prompts):
+            tok[c, : len(x)], msk[c, : len(x)] = x, m
+        return tok, msk
+
+    (tr, trm), (te, tem) = stack(train_prompts), stack(test_prompts)
+    return {"train_prompt": tr, "train_prompt_mask": trm, "test_prompt": te, "test_prompt_mask": tem}

@@ -23,6 +23,18 @@ its tasks (remainder to the first tasks in its list), e.g. Dual 300 + 300, All 4
 examples never coincide with any client's training example (all draws of a task come from one
 pool without replacement). Clients with the same task set get different samples.
 
+Mixes (``mix``): ``"even"`` as above, or ``"pool_sizes"``: a Dual or All client's task shares
+follow the sizes of the authors' task pools (:data:`AUTHORS_POOL_SIZES`; their clients take
+shards of the concatenated, shuffled pools, so shares follow pool sizes): All = QQP 27.2 %,
+Gigaword 27.2 %, WebNLG 32.2 %, SAMSum 13.4 %; Dual pairs 50/50, 67/33 (Gigaword/SAMSum),
+29/71 (SAMSum/WebNLG), 54/46 (WebNLG/QQP). Counts are ``round(share * n)``, the rounding
+remainder to the largest share; train and test alike.
+
+Prompts (``prompt``): ``"alpaca"`` keeps each example's task instruction; ``"raw_input"`` blanks
+it, so ``format_prompt`` puts the raw input alone in the authors' no-input template (their task
+instructions are commented out, docs/FAITHFULNESS.md section 4). Embeddings read the raw input
+either way.
+
 Dirichlet (any number of clients, e.g. 100 or 512): client i draws task proportions
 ``p_i ~ Dirichlet(alpha, ..., alpha)`` over the four tasks, then per-task counts
 ``Multinomial(train_per_client, p_i)`` (and independently ``Multinomial(test_per_client, p_i)``
@@ -44,7 +56,12 @@ from fedrouter_jax.data.real import DataError, validate_examples
 from fedrouter_jax.data.synthetic import TASKS, generate_examples
 
 SCENARIOS = ("single", "dual", "all", "generalization", "dirichlet")
+MIXES = ("even", "pool_sizes")
+PROMPTS = ("alpaca", "raw_input")
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
+# Training pool of each task in the authors' utils/process_dataset.py: QQP and Gigaword cut at
+# 30 000, WebNLG (GEM/web_nlg en train) and SAMSum (Samsung/samsum train) whole.
+AUTHORS_POOL_SIZES = {"qqp": 30000, "gigaword": 30000, "samsum": 14732, "webnlg": 35426}
 
 # source(task, n, seed) -> n examples, or {task: examples}, or "synthetic"
 Source = Union[str, Callable[[str, int, int], Sequence[dict]], Mapping[str, Sequence[dict]]]
@@ -98,7 +115,16 @@ def client_task_sets(name: str, n_clients: int) -> list[tuple[str, ...]]:
     raise ValueError(f"unknown scenario {name!r}; valid scenarios: {', '.join(SCENARIOS)}")
 
 
-def _plan(name: str, n_clients: int, n_train: int, n_test: int, seed: int, alpha: float):
+def _pool_size_counts(n: int, tasks: Sequence[str]) -> list[int]:
+    """n split over `tasks` in proportion to AUTHORS_POOL_SIZES (remainder to the largest share)."""
+    share = np.array([AUTHORS_POOL_SIZES[t] for t in tasks], np.float64)
+    share /= share.sum()
+    counts = np.round(share * n).astype(int)
+    counts[int(np.argmax(share))] += n - int(counts.sum())
+    return counts.tolist()
+
+
+def _plan(name: str, n_clients: int, n_train: int, n_test: int, seed: int, alpha: float, mix: str = "even"):
     """Per-client {task: count} for train and test, and the assigned task sets."""
     if name == "dirichlet":
         if not alpha > 0:
@@ -113,9 +139,10 @@ def _plan(name: str, n_clients: int, n_train: int, n_test: int, seed: int, alpha
                 for i in range(n_clients)]
         return train_plan, test_plan, sets
     sets = client_task_sets(name, n_clients)
-    train_plan = [dict(zip(s, _even(n_train, len(s)))) for s in sets]
+    split = _pool_size_counts if (mix == "pool_sizes" and name in ("dual", "all")) else (lambda n, s: _even(n, len(s)))
+    train_plan = [dict(zip(s, split(n_train, s))) for s in sets]
     test_sets = [TASKS] * n_clients if name == "generalization" else sets
-    test_plan = [dict(zip(s, _even(n_test, len(s)))) for s in test_sets]
+    test_plan = [dict(zip(s, split(n_test, s))) for s in test_sets]
     return train_plan, test_plan, sets
 
 
@@ -147,7 +174,7 @@ def _task_pool(source: Source, task: str, need: int, seed: int) -> list[dict]:
 
 def build_scenario(name: str, *, n_clients: int = 8, train_per_client: int = 600,
                    test_per_client: int = 300, seed: int = 0, source: Source = "synthetic",
-                   dirichlet_alpha: float = 0.5) -> FederatedData:
+                   dirichlet_alpha: float = 0.5, mix: str = "even", prompt: str = "alpaca") -> FederatedData:
     """Partition task data over clients (module doc for the scenarios).
 
     Args:
@@ -158,6 +185,8 @@ def build_scenario(name: str, *, n_clients: int = 8, train_per_client: int = 600
       source: "synthetic", a callable ``(task, n, seed) -> examples``, or ``{task: examples}``
         (e.g. from ``real.load_real_tasks``); all are validated with ``validate_examples``.
       dirichlet_alpha: concentration for ``name="dirichlet"``.
+      mix: ``MIXES`` (module doc): task shares of Dual / All clients.
+      prompt: ``PROMPTS`` (module doc): ``"raw_input"`` blanks every example's instruction.
 
     Returns:
       :class:`FederatedData`; each client's train and test lists are shuffled (tasks mixed).
@@ -166,8 +195,12 @@ def build_scenario(name: str, *, n_clients: int = 8, train_per_client: int = 600
         raise ValueError(f"unknown scenario {name!r}; valid scenarios: {', '.join(SCENARIOS)}")
     if n_clients < 1 or train_per_client < 0 or test_per_client < 0:
         raise ValueError("n_clients must be >= 1 and per-client sizes >= 0")
+    if mix not in MIXES:
+        raise ValueError(f"data.mix: unknown value {mix!r}; valid: {', '.join(MIXES)}")
+    if prompt not in PROMPTS:
+        raise ValueError(f"data.prompt: unknown value {prompt!r}; valid: {', '.join(PROMPTS)}")
     train_plan, test_plan, sets = _plan(name, n_clients, train_per_client, test_per_client,
-                                        seed, dirichlet_alpha)
+                                        seed, dirichlet_alpha, mix)
     # One pool per task; consecutive slices go to clients' train sets, then test sets.
     need = {t: sum(p.get(t, 0) for p in train_plan) + sum(p.get(t, 0) for p in test_plan)
             for t in TASKS}
@@ -194,5 +227,7 @@ def build_scenario(name: str, *, n_clients: int = 8, train_per_client: int = 600
             perm = np.random.default_rng([int(seed), 4, split, i]).permutation(len(data[i]))
             data[i] = [data[i][j] for j in perm]
             labels[i] = labels[i][perm]
+            if prompt == "raw_input":
+                data[i] = [{**ex, "instruction": ""} for ex in data[i]]
     return FederatedData(name=name, train=train, test=test, train_tasks=train_tasks,
                          test_tasks=test_tasks, client_tasks=sets, seed=int(seed))

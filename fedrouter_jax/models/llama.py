@@ -165,14 +165,29 @@ def _merge_lora(h: jax.Array, w: jax.Array) -> bool:
     return w.dtype == jnp.float32 and tokens >= MERGE_MIN_TOKENS_PER_D_IN * w.shape[0]
 
 
-def _project(h, w, lora_layer, name, scale, gate):
-    """`h: [B, T, d_in]` @ `w: [d_in, d_out]` plus the LoRA update of target `name` if any."""
+_TARGET_ID = {n: i for i, n in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
+
+
+def _lora_input_dropout(h, name, drop):
+    """PEFT's `lora_dropout(x)`: inverted dropout of the adapter's input (the base path keeps h).
+    drop: (rate, key of this layer) or None; each target draws its own mask."""
+    if drop is None:
+        return h
+    rate, key = drop
+    keep = jax.random.bernoulli(jax.random.fold_in(key, _TARGET_ID[name]), 1.0 - rate, h.shape)
+    return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+
+
+def _project(h, w, lora_layer, name, scale, gate, drop=None):
+    """`h: [B, T, d_in]` @ `w: [d_in, d_out]` plus the LoRA update of target `name` if any
+    (computed on `_lora_input_dropout(h)` when `drop` is given: training only, never merged)."""
     if lora_layer is None or name not in lora_layer:
         return h @ w
     a, b = lora_layer[name]["a"], lora_layer[name]["b"]
-    if a.ndim == 2 and _merge_lora(h, w):
+    if a.ndim == 2 and drop is None and _merge_lora(h, w):
         return _merged_lora_project(h, w, a.astype(w.dtype), b.astype(w.dtype), jnp.asarray(scale, w.dtype))
     y = h @ w
+    h = _lora_input_dropout(h, name, drop)
     if a.ndim == 2:  # one adapter for the whole batch
         delta = _lora_delta(h, a, b)
     else:  # a: [B, d_in, R], b: [B, R, d_out]
@@ -181,12 +196,13 @@ def _project(h, w, lora_layer, name, scale, gate):
     return y + (scale * delta).astype(y.dtype)
 
 
-def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, cache=None, cache_index=None):
+def _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, cache=None, cache_index=None, drop=None):
     """One decoder layer. x: [B, T, D]; attend: (q [B, T, H, hd], k, v [B, S, K, hd]) -> [B, T, H, hd]
-    with the forward's mask applied; cache: (k, v) each [B, S, K, hd] written at cache_index."""
+    with the forward's mask applied; cache: (k, v) each [B, S, K, hd] written at cache_index;
+    drop: (rate, key) of LoRA dropout in this layer, or None."""
     b, t, _ = x.shape
     hd = cfg.head_dim
-    proj = lambda h, name: _project(h, layer[name], lora_layer, name, scale, gate)
+    proj = lambda h, name: _project(h, layer[name], lora_layer, name, scale, gate, drop)
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
     q = apply_rope(proj(h, "q_proj").reshape(b, t, cfg.num_attention_heads, hd), cos, sin)
     k = apply_rope(proj(h, "k_proj").reshape(b, t, cfg.num_key_value_heads, hd), cos, sin)
@@ -247,6 +263,7 @@ def transformer(
     layer_loop: str = "scan",
     rope: Optional[tuple] = None,
     attention: Optional[str] = None,
+    lora_dropout: Optional[tuple] = None,
 ):
     """Final-normed hidden states `[B, T, D]` (and the kv cache `[L, B, S, K, hd]` x2 if asked).
 
@@ -262,6 +279,8 @@ def transformer(
     sequence-length paths (cuDNN flash attention) each row's real tokens are moved in front of
     its padding first (`layers.real_tokens_first`) and the outputs moved back: same function, no
     [T, S] mask. Outputs at padded positions are unspecified on every path.
+    `lora_dropout`: (rate, key) for training: dropout on every adapter's input (a mask per
+    layer and target, `_lora_input_dropout`); None (evaluation) = no dropout.
     """
     cos, sin = rope_tables(mask, cfg, positions) if rope is None else rope
     t = tokens.shape[1]
@@ -285,14 +304,18 @@ def transformer(
     lora_xs, gate = _lora_layers(lora, adapter_ids)
     scale = lora.scale if lora is not None else 0.0
 
+    rate, drop_keys = (None, None) if lora_dropout is None else (
+        lora_dropout[0], jax.random.split(lora_dropout[1], cfg.num_hidden_layers))
+
     def body(x, xs):
-        layer, lora_layer, layer_cache = xs
-        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, layer_cache, cache_index)
+        layer, lora_layer, layer_cache, drop_key = xs
+        drop = None if drop_key is None else (rate, drop_key)
+        x, kv = _block(cfg, x, layer, lora_layer, scale, gate, cos, sin, attend, layer_cache, cache_index, drop)
         return x, (kv if (return_cache or cache is not None) else None)
 
     if remat:
         body = jax.checkpoint(body)
-    xs = (params["layers"], lora_xs, cache)
+    xs = (params["layers"], lora_xs, cache, drop_keys)
     if unroll_layers(layer_loop):
         kvs = []
         for i in range(cfg.num_hidden_layers):
@@ -327,10 +350,11 @@ def apply(
     layer_loop: str = "scan",
     rope: Optional[tuple] = None,
     attention: Optional[str] = None,
+    lora_dropout: Optional[tuple] = None,
 ) -> jax.Array:
     """Logits `[B, T, V]` (float32) for `tokens, mask: [B, T]` (other arguments: `transformer`)."""
     hidden = transformer(params, tokens, mask, cfg=cfg, lora=lora, adapter_ids=adapter_ids, remat=remat,
-                         layer_loop=layer_loop, rope=rope, attention=attention)
+                         layer_loop=layer_loop, rope=rope, attention=attention, lora_dropout=lora_dropout)
     return lm_head(params, hidden, cfg)
 
 
