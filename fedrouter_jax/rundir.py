@@ -31,7 +31,8 @@ __all__ = ["RunDirError", "RunDir", "RUN_ENTRIES", "LOCK_FILE", "STATE_KEYS", "c
 LOCK_FILE = ".fedrouter.lock"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
-RUN_ENTRIES = (CONFIG_FILE, "metrics.jsonl", "results.json", CHECKPOINT_DIR, LOCK_FILE)
+RUN_ENTRIES = (CONFIG_FILE, "metrics.jsonl", "results.json", CHECKPOINT_DIR, LOCK_FILE,
+               "flower")  # `fedrouter-jax flower`: its app, FLWR_HOME, PID files and logs
 RUN_TEMP_PATTERNS = (".config.yaml.tmp*", "metrics.tmp", ".metrics.jsonl.tmp*", ".results.json.tmp*",
                      "results.json.tmp*")
 # Dotted config keys (or sections) the saved state's shapes and meaning depend on: a resume
