@@ -139,6 +139,8 @@ def test_global_router_needs_no_client_where_the_method_has_one(exported, tmp_pa
     got = _predict(bundle_dir, inputs, tmp_path / "out.jsonl", "--router", "global")
     plan, _ = _simulated(run, "global")
     np.testing.assert_array_equal([r["adapter"] for r in got], np.concatenate(plan.adapter_ids[2:]))
+    short = _predict(bundle_dir, inputs, tmp_path / "short.jsonl", "--router", "global", "--max-new-tokens", "2")
+    assert [r["tokens"] for r in short] == [r["tokens"][:2] for r in got]  # greedy: a prefix
     assert main(["predict", "--bundle", str(bundle_dir), "--input", str(inputs), "--output",
                  str(tmp_path / "x.jsonl"), "--router", "local"]) == 2
     assert "--router local needs --client" in capsys.readouterr().err
