@@ -1,7 +1,9 @@
 """Placing the client axis on a device mesh: clients split across devices, base replicated.
 
-The same jitted round runs on 1 device, 8 GPUs, or several hosts (after `jax.distributed.initialize()`):
+The same jitted round runs on 1 device, 8 GPUs, or several hosts (after `distributed.initialize`):
 only the placement of its inputs changes. XLA's partitioner splits the vmapped client computation.
+With several processes the mesh spans every process's devices and each process passes the whole
+host array (the same everywhere: see distributed.py); read outputs back with `distributed.to_host`.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Optional
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedrouter_jax.distributed import global_array
 
 CLIENT_AXIS = "clients"
 
@@ -26,8 +30,8 @@ def client_mesh(n_devices: int = 1) -> Optional[Mesh]:
 
 
 def _put(x, sharding):
-    if jax.process_count() > 1:  # each host holds its own rows of the global client axis
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    if jax.process_count() > 1:  # every host holds the whole axis; its devices take their rows
+        return global_array(x, sharding)
     return jax.device_put(x, sharding)
 
 
