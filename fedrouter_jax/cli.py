@@ -131,6 +131,13 @@ def _cmd_flower(args) -> int:
 
     cfg = load_config(args.config, args.set)
     _check_model_files(cfg)
+    if args.write_app:  # for real machines: `flwr run DIR <connection>`
+        from fedrouter_jax.flower.driver import write_app
+
+        write_app(Path(args.write_app), cfg, nodes=args.nodes, round_timeout=args.round_timeout,
+                  setup_timeout=args.setup_timeout)
+        print(f"wrote the Flower app to {args.write_app}")
+        return 0
     with RunDir(cfg.out_dir, fresh=args.fresh) as rd:  # the lock: one run per out_dir
         rd.check_same_config(config_to_dict(cfg))
         return run_flower(cfg, runtime=args.runtime, nodes=args.nodes, round_timeout=args.round_timeout,
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--setup-timeout", type=float, default=600.0, help="seconds to wait for the nodes and their setup")
     f.add_argument("--run-timeout", type=float, default=None, help="stop everything after this many seconds")
     f.add_argument("--fresh", action="store_true", help="as for run: start over in out_dir")
+    f.add_argument("--write-app", metavar="DIR", help="only write the Flower app to DIR (for `flwr run` elsewhere)")
     f.set_defaults(fn=_cmd_flower)
     m = sub.add_parser("methods", help="list the federated methods")
     m.set_defaults(fn=_cmd_methods)

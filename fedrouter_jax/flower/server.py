@@ -146,7 +146,8 @@ class FlowerServer:
         if got:  # a missing row: the client keeps its rows, the server sees zeros (never aggregated)
             like = next(iter(got.values()))
             fill = lambda p: {"clients": rows(clients, np.array([p])),  # noqa: E731
-                              "opt": None if opt is None else rows(opt, np.array([p])),
+                              # fresh moments each round (state.opt None): the node's are not kept
+                              "opt": jax.tree.map(np.zeros_like, like["opt"]) if opt is None else rows(opt, np.array([p])),
                               "reply": jax.tree.map(np.zeros_like, like["reply"]),
                               "pool_size": np.zeros_like(like["pool_size"])}
             out = _cat([got[p] if p in got else fill(p) for p in range(n)])
