@@ -1,7 +1,10 @@
 """Every method reproduces the committed reference numbers of the smoke config (training only).
 
-tests/data/smoke_reference.json was written by the code before methods became client / server
-functions (commit a654522; the split reproduced it bit for bit on the machine that made it).
+tests/data/smoke_reference.json holds the numbers of commit 196e1ef (issue 16), regenerated
+because the defaults changed (gradient clipping 1.0, LoRA dropout 0.05, FedDPA as the reference
+code). The file before it held the numbers of the code before methods became client / server
+functions (commit a654522); with `lora.dropout=0 train.max_grad_norm=0 feddpa.variant=pre_issue16`
+the issue-16 code reproduced that file bit for bit (every sampled value) before it was replaced.
 Tolerances allow for another CPU's float rounding, not for a change of the algorithm.
 """
 import json
