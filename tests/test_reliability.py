@@ -452,10 +452,11 @@ def test_defect8_only_the_chosen_methods_settings_are_validated():
 
 # (dotted key, mutation) pairs that are valid values by design (0 = "never" / "all" / "at the end").
 _VALID = {("seed", "zero"), ("eval.every", "zero"), ("checkpoint.every", "zero"), ("train.client_mesh_devices", "zero"),
-          ("train.weight_decay", "zero"), ("train.lr_min", "zero"), 
+          ("train.weight_decay", "zero"), ("train.lr_min", "zero"),
           ("fedcluster.cluster_round", "zero"), ("feddpa.instance_num", "zero"), ("feddpa.fixed_weight", "zero"),
           ("feddpa.train_weight", "zero"), ("feddpa.max_weight", "zero"), ("federation.dropout_rate", "zero"),
           ("clustering.tol", "zero"), ("clustering.min_silhouette", "zero"), ("clustering.min_silhouette", "negative"),
+          ("train.max_grad_norm", "zero"), ("lora.dropout", "zero"),  # 0 = off
           ("data.hf_dir", "unknown_choice")}  # hf_dir: only read with data.source: hf
 _METHOD_FOR = {"fedcluster": "fedcluster", "feddpa": "feddpa"}
 
