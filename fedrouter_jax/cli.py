@@ -53,8 +53,10 @@ def _check_safetensors(model_dir: Path) -> None:
 
 def _cmd_run(args) -> int:
     from fedrouter_jax.config import load_config
+    from fedrouter_jax.distributed import initialize
     from fedrouter_jax.runner import run_from_config
 
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before anything touches a device
     cfg = load_config(args.config, args.set)
     _check_model_files(cfg)
     run_from_config(cfg, progress=not args.no_progress, fresh=args.fresh)
@@ -62,8 +64,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_resume(args) -> int:
+    from fedrouter_jax.distributed import initialize
     from fedrouter_jax.runner import run_from_config
 
+    initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = _run_config(args.out_dir)
     _check_model_files(cfg)
     run_from_config(cfg, progress=not args.no_progress, resume=True)
@@ -151,6 +155,14 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """One run over several processes (hosts): start the same command in each, process 0 first."""
+    g = p.add_argument_group("multi-process (all three or none; devices per process: JAX_NUM_CPU_DEVICES on CPU)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator (it listens there)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes taking part")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (0 writes the run directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedrouter-jax", description="Task-centric personalized federated LoRA fine-tuning (FedRouter) in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true",
                    help="remove the run in out_dir (only a run's own files; anything else is refused) and start over")
     r.add_argument("--no-progress", action="store_true")
+    _add_distributed_args(r)
     r.set_defaults(fn=_cmd_run)
     s = sub.add_parser("resume", help="continue the run in OUT_DIR from its latest verified checkpoint")
     s.add_argument("--out-dir", required=True, help="the run directory (its config.yaml is used, with out_dir = OUT_DIR)")
     s.add_argument("--no-progress", action="store_true")
+    _add_distributed_args(s)
     s.set_defaults(fn=_cmd_resume)
     e = sub.add_parser("eval", help="evaluate the latest verified checkpoint of OUT_DIR")
     e.add_argument("--out-dir", required=True)

@@ -23,6 +23,7 @@ from fedrouter_jax.clustering import clustering_accuracy
 from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
 from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks, prompt_inputs,
                                 tokenize_examples, sample_round_batches)
+from fedrouter_jax.distributed import barrier, broadcast_from_primary, is_primary
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
@@ -242,23 +243,34 @@ class Run:
         return state, extra["history"], store.restored_step
 
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:
+        """The rounds from the latest verified checkpoint on. With several processes every one
+        computes them; only the primary writes (config, metrics, checkpoints) and chooses the
+        checkpoint, which the others then read."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.yaml")
-        store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep)
-        if store.latest_step() is None:
-            state, history, start = self.initial_state(), [], 0
-        else:
+        primary = is_primary()
+        if primary:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep, read_only=not primary)
+        start = 0
+        if primary and store.latest_step() is not None:
             state, history, start = self.restore(store)
             print(f"[resume] from the complete checkpoint of round {start} in {self.out / 'checkpoints'}")
-        _write_jsonl(self.out / "metrics.jsonl", history)
+        start = broadcast_from_primary("start round", start)
+        if start == 0:
+            state, history = self.initial_state(), []
+        elif not primary:
+            state, history, _ = self.restore(store, start)
+        if primary:
+            _write_jsonl(self.out / "metrics.jsonl", history)
         rounds = cfg.train.rounds
         bar = None
-        if self.progress:
+        if self.progress and primary:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=rounds, initial=start, desc=f"{cfg.method} rounds", unit="round")
         for r in range(start, rounds):
+            barrier(f"round {r + 1}")  # the others wait while the primary restores, saves, evaluates
             t0 = time.perf_counter()
             state, metrics = self.sim.round_step(state, r)
             rec = {"round": r + 1, **metrics, "time_s": round(time.perf_counter() - t0, 3)}
@@ -266,14 +278,15 @@ class Run:
             if warning:
                 rec["warning"] = warning
                 (bar.write if bar else print)(f"[warning] {warning}")
-            if cfg.eval.every and (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
+            if primary and cfg.eval.every and (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
                 ev = evaluate(self.data, self.sim.eval_plan(state, cfg.eval.router), progress=self.progress)
                 rec["eval"] = {k: ev[k] for k in ("rouge1", "per_client", "per_task") if k in ev}
             history.append(rec)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if primary:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             last = r + 1 == rounds
-            if cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
+            if primary and cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
                 store.save(r + 1, state, {"history": history, "config": config_to_dict(cfg)})
             if bar:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
@@ -296,7 +309,8 @@ class Run:
         results["rouge1"] = results[cfg.eval.router]["rouge1"]
         if cfg.eval.include_base:
             results["base"] = evaluate(data, base_plan(data), progress=self.progress)
-        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        if is_primary():
+            (self.out / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
 
@@ -335,6 +349,8 @@ def run_from_config(path_or_cfg, overrides=(), *, progress: bool = True, fresh: 
     from fedrouter_jax.rundir import RunDir, check_resume_config
 
     cfg = path_or_cfg if isinstance(path_or_cfg, FedRouterConfig) else load_config(path_or_cfg, overrides)
+    if not is_primary():  # the primary holds the directory (lock, checks, files, evaluation)
+        return Run(cfg, progress=False).run()
     new = config_to_dict(cfg)
     with RunDir(cfg.out_dir, fresh=fresh, must_exist=resume) as rd:
         if not resume:
