@@ -7,7 +7,6 @@ run directory, a diverged round) is one line on stderr naming the file and the k
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedrouter_jax.models import llama

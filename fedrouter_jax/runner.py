@@ -22,7 +22,7 @@ from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.clustering import clustering_accuracy
 from fedrouter_jax.config import FedRouterConfig, config_to_dict, load_config, save_config
 from fedrouter_jax.data import (build_scenario, encode_inputs, encode_prompts, load_real_tasks, prompt_inputs,
-                                tokenize_examples, sample_round_batches)
+                                tokenize_examples)
 from fedrouter_jax.distributed import barrier, broadcast_from_primary, is_primary
 from fedrouter_jax.embeddings import cache_key, cached_embeddings, embed_tokens, file_fingerprint
 from fedrouter_jax.metrics import rouge1

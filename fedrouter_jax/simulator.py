@@ -97,6 +97,59 @@ def sample_dropouts(seed: int, round_idx: int, participants: np.ndarray, rate: f
                      for c in participants])
 
 
+def fold_replies(method: Method, env: Env, state: SimState, msg, participants: np.ndarray, round_idx: int,
+                 new_clients, reply, new_opt, pool_size: np.ndarray, failed: Optional[dict] = None):
+    """The server's side of a round after training: -> (new state, metrics for metrics.jsonl).
+
+    new_clients / reply / new_opt / pool_size: rows [P, ...] by participant position; `failed`
+    {position: failure with .reason and .detail} marks rows that never arrived (a deployment's
+    node gone, client error, timeout: `flower.transport.Failure`; zero-filled by the caller). Seeded dropouts
+    (`federation.dropout_rate`) and non-finite replies (`federation.on_nonfinite`) are dropped
+    too; a dropped row is zeroed before `server_aggregate` and its client state is not updated.
+    """
+    cfg = env.config
+    fed = cfg.federation
+    failed = failed or {}
+    missing = np.array([p in failed for p in range(len(participants))], bool)
+    lost = sample_dropouts(cfg.seed, round_idx, participants, fed.dropout_rate)
+    finite = np.asarray(reply.finite, bool) | missing
+    bad = ~finite & ~lost
+    if bad.any() and (fed.on_nonfinite == "stop" or not (finite & ~lost & ~missing).any()):
+        raise NonFiniteError(
+            f"round {round_idx + 1}: non-finite loss/gradient/adapter for client(s) {participants[bad].tolist()}"
+            + ("" if fed.on_nonfinite == "stop" else ", every reply of the round")
+            + "; nothing was aggregated or checkpointed. Lower train.lr or check the data of these clients.")
+    arrived = finite & ~lost & ~missing
+    # a lost or discarded reply never reaches the server: its rows carry zeros, not NaN
+    keep = lambda x: np.where(arrived.reshape((-1,) + (1,) * (x.ndim - 1)), x, np.zeros_like(x))  # noqa: E731
+    reply = reply.replace(adapters=jax.tree.map(keep, reply.adapters))
+    if method.jit_aggregate:
+        server = _server_aggregate_jit(method, env, state.server, msg, reply, jnp.asarray(arrived),
+                                       jnp.asarray(participants), round_idx)
+    else:
+        server = method.server_aggregate(env, state.server, msg, reply, arrived, participants, round_idx)
+    new_state = SimState(
+        server=_host(server),
+        clients=scatter_rows(state.clients, participants, new_clients, arrived),
+        opt=None if state.opt is None else scatter_rows(state.opt, participants, new_opt, arrived),
+    )
+    used = (pool_size > 0) & arrived[:, None]
+    last, first = np.asarray(reply.loss)[..., -1], np.asarray(reply.loss)[..., 0]
+    metrics = {
+        "lr": round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule),
+        "train_loss": float(last[used].mean()) if used.any() else float("nan"),
+        "train_loss_first_step": float(first[used].mean()) if used.any() else float("nan"),
+        "loss_per_slot": last[pool_size > 0].round(5).tolist(),
+        "participants": participants[arrived].tolist(),
+        "dropped": [{"client": int(c), "reason": failed[p].reason, "detail": failed[p].detail} if p in failed else
+                    {"client": int(c), "reason": "dropout" if lost[p] else "nonfinite"}
+                    for p, c in enumerate(participants) if not arrived[p]],
+    }
+    if method.log_plan is not None:
+        metrics["plan"] = method.log_plan(msg)
+    return new_state, metrics
+
+
 def scatter_rows(full, index: np.ndarray, new, keep: np.ndarray):
     """`full` (leaves [C, ...]) with rows index[p] replaced by new[p] where keep[p] (host numpy)."""
     def put(f, n):
@@ -231,45 +284,8 @@ class Simulator:
         opt = None if state.opt is None else rows(state.opt, participants)
         new_clients, reply, new_opt, pool_size = self.train_clients(rows(state.clients, participants), msg,
                                                                     participants, round_idx, opt)
-        lr = round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
-
-        lost = sample_dropouts(cfg.seed, round_idx, participants, fed.dropout_rate)
-        finite = np.asarray(reply.finite, bool)
-        bad = ~finite & ~lost
-        if bad.any() and (fed.on_nonfinite == "stop" or not (finite & ~lost).any()):
-            clients_bad = participants[bad].tolist()
-            raise NonFiniteError(
-                f"round {round_idx + 1}: non-finite loss/gradient/adapter for client(s) {clients_bad}"
-                + ("" if fed.on_nonfinite == "stop" else ", every reply of the round")
-                + "; nothing was aggregated or checkpointed. Lower train.lr or check the data of these clients.")
-        arrived = finite & ~lost
-        # a lost or discarded reply never reaches the server: its rows carry zeros, not NaN
-        keep = lambda x: np.where(arrived.reshape((-1,) + (1,) * (x.ndim - 1)), x, np.zeros_like(x))  # noqa: E731
-        reply = reply.replace(adapters=jax.tree.map(keep, reply.adapters))
-        if method.jit_aggregate:
-            server = _server_aggregate_jit(method, env, state.server, msg, reply, jnp.asarray(arrived),
-                                           jnp.asarray(participants), round_idx)
-        else:
-            server = method.server_aggregate(env, state.server, msg, reply, arrived, participants, round_idx)
-        new_state = SimState(
-            server=_host(server),
-            clients=scatter_rows(state.clients, participants, new_clients, arrived),
-            opt=None if state.opt is None else scatter_rows(state.opt, participants, new_opt, arrived),
-        )
-        used = (pool_size > 0) & arrived[:, None]
-        last, first = np.asarray(reply.loss)[..., -1], np.asarray(reply.loss)[..., 0]
-        metrics = {
-            "lr": lr,
-            "train_loss": float(last[used].mean()) if used.any() else float("nan"),
-            "train_loss_first_step": float(first[used].mean()) if used.any() else float("nan"),
-            "loss_per_slot": last[pool_size > 0].round(5).tolist(),
-            "participants": participants[arrived].tolist(),
-            "dropped": [{"client": int(c), "reason": "dropout" if lo else "nonfinite"}
-                        for c, lo, ok in zip(participants, lost, arrived) if not ok],
-        }
-        if method.log_plan is not None:
-            metrics["plan"] = method.log_plan(msg)
-        return new_state, metrics
+        return fold_replies(method, env, state, msg, participants, round_idx, new_clients, reply, new_opt,
+                            pool_size)
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_plan(self, state: SimState, mode: str) -> EvalPlan:

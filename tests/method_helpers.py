@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrouter_jax.algorithms import ClientInputs, Env, Reply, get_method
+from fedrouter_jax.algorithms import Env, Reply, get_method
 from fedrouter_jax.config import load_config
 
 from helpers import TINY

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from fedrouter_jax.algorithms import available, get_method
+from fedrouter_jax.algorithms import available
 from fedrouter_jax.algorithms.base import rows
 from fedrouter_jax.config import load_config
-from fedrouter_jax.simulator import (NonFiniteError, SimState, Simulator, _client_update, sample_dropouts,
+from fedrouter_jax.simulator import (NonFiniteError, SimState, _client_update, sample_dropouts,
                                      sample_participants, scatter_rows)
 
 from helpers import smoke_overrides

@@ -8,11 +8,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.config import load_config
-from fedrouter_jax.runner import Run, format_table, run_from_config
+from fedrouter_jax.runner import run_from_config
 
 from helpers import smoke_overrides
 

@@ -30,7 +30,7 @@ reply (`client_reply`). States and messages are frozen pytrees (`flax.struct.dat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -21,15 +21,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedrouter_jax.algorithms.base import Env, RouteMessage, get_method, rows
+from fedrouter_jax.algorithms.base import Env, get_method, rows
 from fedrouter_jax.checkpoint import CheckpointStore
 from fedrouter_jax.config import config_to_dict, save_config
 from fedrouter_jax.flower.records import decode, encode
 from fedrouter_jax.flower.transport import Failure, Transport
 from fedrouter_jax.models.config import LlamaConfig
 from fedrouter_jax.runner import _write_jsonl, model_directory
-from fedrouter_jax.simulator import (NonFiniteError, SimState, Simulator, _host, _server_aggregate_jit,
-                                     sample_dropouts, sample_participants, scatter_rows)
+from fedrouter_jax.simulator import SimState, Simulator, _host, fold_replies, sample_participants
 from fedrouter_jax.training import make_optimizer, round_learning_rate
 
 
@@ -137,55 +136,27 @@ class FlowerServer:
         """Replies by position -> (new state, metrics), as `Simulator.round_step` after training:
         seeded dropouts and non-finite replies dropped, the missing ones too (their clusters keep
         their adapters), server_aggregate on the rest."""
-        cfg, env, method, fed = self.cfg, self.env, self.method, self.cfg.federation
-        lr = round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
+        cfg, method = self.cfg, self.method
         n = len(participants)
-        missing = np.array([p in failed for p in range(n)])
-        lost = sample_dropouts(cfg.seed, round_idx, participants, fed.dropout_rate)
-        record = {"lr": lr}
-        if got:  # a missing row: the client keeps its rows, the server sees zeros (never aggregated)
-            like = next(iter(got.values()))
-            fill = lambda p: {"clients": rows(clients, np.array([p])),  # noqa: E731
-                              # fresh moments each round (state.opt None): the node's are not kept
-                              "opt": jax.tree.map(np.zeros_like, like["opt"]) if opt is None else rows(opt, np.array([p])),
-                              "reply": jax.tree.map(np.zeros_like, like["reply"]),
-                              "pool_size": np.zeros_like(like["pool_size"])}
-            out = _cat([got[p] if p in got else fill(p) for p in range(n)])
-            reply, pool_size = out["reply"], np.asarray(out["pool_size"])
-            finite = np.asarray(reply.finite, bool) | missing
-            bad = ~finite & ~lost
-            if bad.any() and (fed.on_nonfinite == "stop" or not (finite & ~lost & ~missing).any()):
-                raise NonFiniteError(
-                    f"round {round_idx + 1}: non-finite loss/gradient/adapter for client(s) {participants[bad].tolist()}"
-                    + ("" if fed.on_nonfinite == "stop" else ", every reply of the round")
-                    + "; nothing was aggregated or checkpointed. Lower train.lr or check the data of these clients.")
-            arrived = finite & ~lost & ~missing
-            keep = lambda x: np.where(arrived.reshape((-1,) + (1,) * (x.ndim - 1)), x, np.zeros_like(x))  # noqa: E731
-            reply = reply.replace(adapters=jax.tree.map(keep, reply.adapters))
-            if method.jit_aggregate:
-                server = _server_aggregate_jit(method, env, state.server, msg, reply, jax.numpy.asarray(arrived),
-                                               jax.numpy.asarray(participants), round_idx)
-            else:
-                server = method.server_aggregate(env, state.server, msg, reply, arrived, participants, round_idx)
-            state = SimState(server=_host(server),
-                             clients=scatter_rows(state.clients, participants, out["clients"], arrived),
-                             opt=None if state.opt is None else scatter_rows(state.opt, participants, out["opt"], arrived))
-            used = (pool_size > 0) & arrived[:, None]
-            last, first = np.asarray(reply.loss)[..., -1], np.asarray(reply.loss)[..., 0]
-            record.update(train_loss=float(last[used].mean()) if used.any() else float("nan"),
-                          train_loss_first_step=float(first[used].mean()) if used.any() else float("nan"),
-                          loss_per_slot=last[pool_size > 0].round(5).tolist())
-        else:  # nothing came back: the state stays as it was
-            arrived = np.zeros(n, bool)
-            record.update(train_loss=float("nan"), train_loss_first_step=float("nan"), loss_per_slot=[])
-        record["participants"] = participants[arrived].tolist()
-        record["dropped"] = [
-            {"client": int(c), "reason": failed[p].reason, "detail": failed[p].detail} if p in failed else
-            {"client": int(c), "reason": "dropout" if lost[p] else "nonfinite"}
-            for p, c in enumerate(participants) if not arrived[p]]
-        if method.log_plan is not None:
-            record["plan"] = method.log_plan(msg)
-        return state, record
+        if not got:  # nothing came back: the state stays as it was
+            lr = round_learning_rate(round_idx, cfg.train.rounds, cfg.train.lr, cfg.train.lr_min, cfg.train.lr_schedule)
+            record = {"lr": lr, "train_loss": float("nan"), "train_loss_first_step": float("nan"), "loss_per_slot": [],
+                      "participants": [],
+                      "dropped": [{"client": int(c), "reason": failed[p].reason, "detail": failed[p].detail}
+                                  for p, c in enumerate(participants)]}
+            if method.log_plan is not None:
+                record["plan"] = method.log_plan(msg)
+            return state, record
+        # a missing row: the client keeps its rows, the server sees zeros (never aggregated)
+        like = next(iter(got.values()))
+        fill = lambda p: {"clients": rows(clients, np.array([p])),  # noqa: E731
+                          # fresh moments each round (state.opt None): the node's are not kept
+                          "opt": jax.tree.map(np.zeros_like, like["opt"]) if opt is None else rows(opt, np.array([p])),
+                          "reply": jax.tree.map(np.zeros_like, like["reply"]),
+                          "pool_size": np.zeros_like(like["pool_size"])}
+        out = _cat([got[p] if p in got else fill(p) for p in range(n)])
+        return fold_replies(method, self.env, state, msg, participants, round_idx, out["clients"], out["reply"],
+                            out["opt"], np.asarray(out["pool_size"]), failed)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, state: SimState, mode: str) -> dict:
