@@ -42,6 +42,7 @@ CHILD = textwrap.dedent("""
         def save(self, step, *a, **kw):
             orig(self, step, *a, **kw)
             if step == kill_after:
+                print(f"SIGKILL after round {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
         checkpoint.CheckpointStore.save = save
     sys.exit(cli.main(sys.argv[2:]))
@@ -105,7 +106,8 @@ def test_two_processes_give_the_single_process_results_and_resume(model_dir, tmp
                          tmp_path / "multi.yaml")
 
     killed = _launch(config, tmp_path / "killed", kill_after=KILL_AFTER)
-    assert killed[0][1] == -signal.SIGKILL, killed[0][2][-3000:] + killed[1][2][-3000:]
+    assert killed[0][1] == -signal.SIGKILL and f"SIGKILL after round {KILL_AFTER}" in killed[0][2], \
+        killed[0][2][-3000:] + killed[1][2][-3000:]  # not the deadline's kill
     assert _final_state(out)[0] == KILL_AFTER and _rounds(out) == [1, 2]  # written once: process 0 alone
 
     resumed = _launch(config, tmp_path / "resumed")
