@@ -244,14 +244,20 @@ class CheckpointStore:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._empty_trash()  # only steps we pruned ourselves are ever renamed into .trash
+        # With several JAX processes one of them writes and each reads for itself (the state is
+        # host numpy, the same in every process): Orbax must not wait for the others at barriers.
+        alone = (ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                    active_processes={jax.process_index()})
+                 if jax.process_count() > 1 else ocp.options.MultiprocessingOptions())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # pruning is ours: only after the new step verified
             enable_async_checkpointing=False,
-            create=not read_only,
+            create=not read_only and alone.active_processes is None,  # else made above (Orbax refuses it)
             read_only=read_only,
             cleanup_tmp_directories=False,  # nothing is removed on open
             todelete_subdir=None if read_only else TRASH_DIR,
             save_interval_steps=0 if read_only else 1,  # read-only: no "saving disabled" warning
+            multiprocessing_options=alone,
         )
         absl = logging.getLogger("absl")
         level = absl.level

@@ -49,7 +49,8 @@ CHILD = textwrap.dedent("""
         def mark(self, step_dir):
             os.kill(os.getpid(), signal.SIGKILL)
         orig_mark = checkpoint.CheckpointStore._mark_complete
-        checkpoint.CheckpointStore._mark_complete = lambda self, d: (mark(self, d) if d.name == str(k) else orig_mark(self, d))
+        checkpoint.CheckpointStore._mark_complete = (
+            lambda self, d, *a: mark(self, d) if d.name == str(k) else orig_mark(self, d, *a))
     cfg = load_config(None, sys.argv[5:])
     runner.Run(cfg, progress=False).run()
     print("FINISHED")
