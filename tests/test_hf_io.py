@@ -295,3 +295,17 @@ def test_load_peft_reads_peft_own_files_and_inverts_export_peft(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="adapter_config.json: no PEFT adapter here"):
         hf_io.load_peft(tmp_path / "base")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_nan_weights_are_a_one_line_error_naming_file_and_tensor(tmp_path, dtype):
+    model = make_hf_model(tmp_path / "hf", tie=False, rope=None)
+    d = tmp_path / "hf"
+    model.save_pretrained(d, safe_serialization=True)
+    path = d / hf_io._SINGLE
+    tensors = {k: v.astype(dtype) for k, v in hf_io.read_safetensors(path).items()}
+    name = "model.layers.0.self_attn.v_proj.weight"
+    tensors[name][1, 2] = np.nan
+    hf_io.write_safetensors(path, tensors)
+    with pytest.raises(hf_io.CheckpointFormatError, match=rf"^{path}: tensor '{name}' holds NaN/Inf \(first at \[1, 2\]\)"):
+        hf_io.load_pretrained(d)

@@ -201,6 +201,13 @@ def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
                 )
             group, leaf = (out, key[0]) if len(key) == 1 else (out["layers"], key[1])
             for start, rows in chunks:
+                if rows.dtype.kind == "f" or rows.dtype.name == "bfloat16":
+                    bad = ~np.isfinite(rows)
+                    if bad.any():
+                        r, c = (int(i[0]) for i in np.nonzero(bad))
+                        raise CheckpointFormatError(
+                            f"{path}: tensor {name!r} holds NaN/Inf (first at [{start + r}, {c}]); "
+                            "the model file is damaged")
                 if leaf not in group:  # pages cost no memory until written
                     group[leaf] = _aligned_empty(shapes[leaf] if len(key) == 1 else shapes["layers"][leaf],
                                                  dtype or rows.dtype)
