@@ -43,12 +43,15 @@ def node_clients(partition_id: int, num_partitions: int, n_clients: int) -> list
 
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache under FEDROUTER_CACHE (a new process per message
-    then loads the compiled round instead of compiling it again). JAX_COMPILATION_CACHE_DIR wins."""
+    then loads the compiled round instead of compiling it again), only in processes started
+    with FEDROUTER_XLA_CACHE=1 (the `fedrouter-jax flower` driver sets it): the setting is
+    process-wide, so a ClientApp driven in-process (tests, notebooks) must not turn it on for its
+    host. JAX_COMPILATION_CACHE_DIR wins."""
     import jax
 
     from fedrouter_jax.embeddings import cache_dir
 
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if os.environ.get("FEDROUTER_XLA_CACHE") != "1" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir().parent / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -167,6 +167,7 @@ def run_flower(cfg, *, runtime: str, nodes: int, round_timeout: float = 600.0, s
     env = dict(os.environ, FLWR_HOME=str(base / "home"), FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray on 127.0.0.1 only
                PYTHONUNBUFFERED="1",  # the SuperLink / SuperNode start flower-superexec, flwr-clientapp by name
+               FEDROUTER_XLA_CACHE="1",  # a new ClientApp process per message: reuse compiled rounds
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     with Processes(base) as procs:
         link = procs.start("superlink", [_tool("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
