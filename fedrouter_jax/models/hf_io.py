@@ -160,6 +160,20 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             for name, shape, chunks in reader.tensors(reader.names())}
 
 
+def _check_finite(rows: np.ndarray, start: int, path: Path, name: str, block_elems: int = 1 << 20) -> None:
+    """Raise naming the file, tensor and position of the first NaN/Inf in `rows` (rows
+    start..start+len of the HF tensor), a block at a time so the check adds little memory."""
+    if not (rows.dtype.kind == "f" or rows.dtype.name == "bfloat16") or rows.size == 0:
+        return
+    step = max(1, block_elems // max(1, rows[0].size))
+    for i in range(0, len(rows), step):
+        bad = ~np.isfinite(rows[i:i + step])
+        if bad.any():
+            r, *c = (int(j[0]) for j in np.nonzero(bad))
+            raise CheckpointFormatError(f"{path}: tensor {name!r} holds NaN/Inf (first at "
+                                        f"[{', '.join(str(x) for x in [start + i + r, *c])}]); the model file is damaged")
+
+
 def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
     """Load HF safetensors weights into our stacked layout (layer leaves `[L, ...]`).
 
@@ -201,13 +215,7 @@ def load_params(directory: str | Path, cfg: LlamaConfig, dtype=None) -> dict:
                 )
             group, leaf = (out, key[0]) if len(key) == 1 else (out["layers"], key[1])
             for start, rows in chunks:
-                if rows.dtype.kind == "f" or rows.dtype.name == "bfloat16":
-                    bad = ~np.isfinite(rows)
-                    if bad.any():
-                        r, c = (int(i[0]) for i in np.nonzero(bad))
-                        raise CheckpointFormatError(
-                            f"{path}: tensor {name!r} holds NaN/Inf (first at [{start + r}, {c}]); "
-                            "the model file is damaged")
+                _check_finite(rows, start, path, name)
                 if leaf not in group:  # pages cost no memory until written
                     group[leaf] = _aligned_empty(shapes[leaf] if len(key) == 1 else shapes["layers"][leaf],
                                                  dtype or rows.dtype)
