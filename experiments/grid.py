@@ -258,7 +258,7 @@ def run_cell(cell: Cell, data=None, *, progress: bool = False, fresh: bool = Fal
     if data is None:
         data = prepare(cfg, progress=progress)
     else:  # same model / data / seed: reuse the tokens and embeddings, swap in this cell's config
-        data = dataclasses.replace(data, cfg=cfg, ctx=dataclasses.replace(data.ctx, config=cfg))
+        data = dataclasses.replace(data, cfg=cfg)
     t0, c0 = time.perf_counter(), time.process_time()
     run = Run(cfg, data=data, progress=progress)
     out_run = run.run()

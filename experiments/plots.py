@@ -93,9 +93,9 @@ def plot_tsne(scenario: str, out, sets=(), seed: int = 0) -> Path:
     from fedrouter_jax.runner import prepare
 
     data = prepare(_scenario_config(scenario, sets), progress=False)
-    x = np.concatenate(data.ctx.test_emb)
+    x = np.concatenate(data.test_emb)
     task = np.concatenate(data.fed.test_tasks)
-    client = np.concatenate([np.full(len(e), c) for c, e in enumerate(data.ctx.test_emb)])
+    client = np.concatenate([np.full(len(e), c) for c, e in enumerate(data.test_emb)])
     y = TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed, init="pca").fit_transform(x)
     fig, ax = plt.subplots(figsize=(6, 5))
     markers = "o^sDvP*Xhp<>"
@@ -110,20 +110,23 @@ def plot_tsne(scenario: str, out, sets=(), seed: int = 0) -> Path:
     return _save(fig, out)
 
 
-def silhouette_states(scenarios=("single", "dual", "all"), sets=()) -> dict:
-    """scenario -> (FedRouter state after its clustering, k values), without training."""
-    import jax
+def _silhouettes(state) -> dict:
+    """The global [n_k] and per-client [C, n_k] Silhouette scores of a FedRouter SimState."""
+    return {"silhouette_global": state.server.silhouette, "silhouette_local": state.clients.silhouette}
 
-    from fedrouter_jax.algorithms import get_algorithm
-    from fedrouter_jax.runner import prepare
+
+def silhouette_states(scenarios=("single", "dual", "all"), sets=()) -> dict:
+    """scenario -> (FedRouter's Silhouette scores after its clustering, k values), without training."""
+
+    from fedrouter_jax.runner import Run, prepare
 
     out = {}
     for s in scenarios:
         extra = ["clustering.n_global=auto"] + ([] if s == "single" else ["clustering.n_local=auto"])
         cfg = _scenario_config(s, sets, extra)
         data = prepare(cfg, progress=False)
-        state = get_algorithm("fedrouter").init(data.ctx, jax.random.PRNGKey(cfg.seed))
-        out[s] = (state, np.arange(cfg.clustering.k_min, cfg.clustering.k_max + 1))
+        state = Run(cfg, data=data, progress=False).initial_state()  # client_setup + server_setup
+        out[s] = (_silhouettes(state), np.arange(cfg.clustering.k_min, cfg.clustering.k_max + 1))
     return out
 
 
@@ -135,8 +138,9 @@ def states_from_runs(run_dirs) -> dict:
     for d in run_dirs:
         cfg = load_config(Path(d) / "config.yaml")
         store = CheckpointStore(Path(d) / "checkpoints", read_only=True)
-        tree, _ = store.restore(store.latest_step())
-        out[f"{cfg.data.scenario} ({Path(d).name})"] = (tree["state"], np.arange(cfg.clustering.k_min, cfg.clustering.k_max + 1))
+        tree, _ = store.restore(store.latest_step())  # nested dicts: {"server": ..., "clients": ...}
+        st = {"silhouette_global": tree["server"]["silhouette"], "silhouette_local": tree["clients"]["silhouette"]}
+        out[f"{cfg.data.scenario} ({Path(d).name})"] = (st, np.arange(cfg.clustering.k_min, cfg.clustering.k_max + 1))
     return out
 
 

@@ -86,7 +86,7 @@ def true_partition_silhouette(emb: list, tasks: list) -> list:
 
 def scan(emb: list, ks: np.ndarray, cc, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """FedRouter's Silhouette scan for every client: (best k [C], scores [C, len(ks)])."""
-    from fedrouter_jax.algorithms.fedrouter import pad_clients
+    from fedrouter_jax.simulator import pad_clients
     from fedrouter_jax.clustering import choose_k_batched
 
     x, mask = pad_clients([np.asarray(e, np.float32) for e in emb])
@@ -115,7 +115,7 @@ def other_criteria(emb: list, ks: np.ndarray, seed: int, n_init: int) -> dict:
 
 def k2_contents(emb: list, tasks: list, names, cc, seed: int) -> list:
     """Per client: {cluster: {task: count}} of FedRouter's K-Means with k = 2."""
-    from fedrouter_jax.algorithms.fedrouter import pad_clients
+    from fedrouter_jax.simulator import pad_clients
     from fedrouter_jax.clustering import batched_kmeans
 
     x, mask = pad_clients([np.asarray(e, np.float32) for e in emb])
@@ -134,10 +134,10 @@ def n_init_ablation(data, cc, seeds) -> dict:
     """Per-client clustering accuracy (train labels, test routing) for n_init 1 and 10."""
     from sklearn.cluster import KMeans
 
-    from fedrouter_jax.algorithms.fedrouter import pad_clients
+    from fedrouter_jax.simulator import pad_clients
     from fedrouter_jax.clustering import batched_kmeans, clustering_accuracy, nearest_centroid
 
-    emb, test = data.ctx.train_emb, data.ctx.test_emb
+    emb, test = data.train_emb, data.test_emb
     tasks, test_tasks = data.fed.train_tasks, data.fed.test_tasks
     x, mask = pad_clients([np.asarray(e, np.float32) for e in emb])
     k = np.full(len(emb), int(cc.n_local))  # the scenario's fixed k (dual 2, all 4)
@@ -170,7 +170,8 @@ def _mmm(rows) -> list:
 
 
 def study(scenario: str, sets, kmeans_seeds=range(5)) -> dict:
-    from fedrouter_jax.algorithms.fedrouter import global_clustering, local_clustering
+    from fedrouter_jax.algorithms import Env
+    from fedrouter_jax.algorithms import fedrouter
     from fedrouter_jax.config import load_config
     from fedrouter_jax.runner import prepare
 
@@ -179,7 +180,7 @@ def study(scenario: str, sets, kmeans_seeds=range(5)) -> dict:
     data = prepare(cfg, progress=False)
     cc, seed = cfg.clustering, int(cfg.seed)
     names = data.fed.task_names
-    emb = [np.asarray(e, np.float64) for e in data.ctx.train_emb]
+    emb = [np.asarray(e, np.float64) for e in data.train_emb]
     tasks = [np.asarray(t) for t in data.fed.train_tasks]
     ks = np.arange(cc.k_min, cc.k_max + 1)
     out = {"config": {"scenario": scenario, "n_clients": data.fed.n_clients,
@@ -201,11 +202,11 @@ def study(scenario: str, sets, kmeans_seeds=range(5)) -> dict:
         out["drop_one_task"][names[drop]] = {h: scan_summary([transform(e, h) for e in xs], ts, ks, cc, seed)
                                              for h in ("raw", "l2")}
     # Fig. 7 on this data: the global scan over the clients' fixed-k local centroids
-    loc = local_clustering(data.ctx)
-    ctx_auto = dataclasses.replace(data.ctx, config=dataclasses.replace(   # n_global is read from ctx
-        cfg, clustering=dataclasses.replace(cc, n_global="auto")))
-    glob = global_clustering(ctx_auto, loc["centroids"], loc["centroid_mask"])
-    out["global_silhouette_fixed_local_k"] = {str(int(k)): float(v) for k, v in zip(ks, glob["silhouette"])}
+    env = Env(config=dataclasses.replace(cfg, clustering=dataclasses.replace(cc, n_global="auto")),
+              model_cfg=data.model_cfg, n_clients=data.fed.n_clients)
+    loc, _ = fedrouter.client_setup(env, data.inputs, None)
+    _, _, scores = fedrouter.global_clustering(env, loc.centroids, loc.centroid_mask)
+    out["global_silhouette_fixed_local_k"] = {str(int(k)): float(v) for k, v in zip(ks, scores)}
     out["n_init_ablation"] = n_init_ablation(data, cc, list(kmeans_seeds))
     return out
 

@@ -45,6 +45,16 @@ class RunData:
     test_prompts: list
     inputs: ClientInputs  # every client's embeddings, stacked (what client_setup / client_route read)
 
+    @property
+    def train_emb(self) -> list:
+        """Per client [N_c, D] base-model embeddings of its training samples."""
+        return [e[m] for e, m in zip(np.asarray(self.inputs.train_emb), np.asarray(self.inputs.train_mask, bool))]
+
+    @property
+    def test_emb(self) -> list:
+        """Per client [M_c, D] base-model embeddings of its test samples."""
+        return [e[m] for e, m in zip(np.asarray(self.inputs.test_emb), np.asarray(self.inputs.test_mask, bool))]
+
 
 def model_directory(cfg: FedRouterConfig) -> Path:
     if cfg.model.path == "embedded":

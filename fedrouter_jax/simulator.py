@@ -324,18 +324,20 @@ def eval_plan(method: Method, env: Env, state: SimState, inputs: ClientInputs, m
     )
 
 
+def pad_clients(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-client [N_c, D] arrays -> x [C, N, D] zero-padded and mask [C, N]."""
+    n = max(a.shape[0] for a in arrays)
+    x = np.zeros((len(arrays), n, arrays[0].shape[1]), np.float32)
+    m = np.zeros((len(arrays), n), bool)
+    for c, a in enumerate(arrays):
+        x[c, : len(a)] = a
+        m[c, : len(a)] = True
+    return x, m
+
+
 def client_inputs(train_emb: Sequence[np.ndarray], test_emb: Sequence[np.ndarray]) -> ClientInputs:
     """Per-client embedding lists -> a ClientInputs stack (zero-padded, with masks)."""
-    def pad(arrays):
-        n = max(a.shape[0] for a in arrays)
-        x = np.zeros((len(arrays), n, arrays[0].shape[1]), np.float32)
-        m = np.zeros((len(arrays), n), bool)
-        for c, a in enumerate(arrays):
-            x[c, : len(a)] = a
-            m[c, : len(a)] = True
-        return x, m
-
-    tr, trm = pad(train_emb)
-    te, tem = pad(test_emb)
+    tr, trm = pad_clients(train_emb)
+    te, tem = pad_clients(test_emb)
     return ClientInputs(client_id=np.arange(len(train_emb), dtype=np.int32), train_emb=tr, train_mask=trm,
                         test_emb=te, test_mask=tem)
