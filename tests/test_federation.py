@@ -46,7 +46,11 @@ def _assert_trees_close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("method", available())
+# the default suite checks multi-slot, host-aggregated and client-held methods; all with -m slow
+FAST = ("fedrouter_star", "fedcluster", "feddpa", "fedsa")
+
+
+@pytest.mark.parametrize("method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in available()])
 def test_clients_one_at_a_time_equal_the_batched_simulator(prepared, method):
     """client_setup / client_pools / client_update called per client (stacks of one), replies
     concatenated, server functions on them == Simulator.setup + round_step, over 2 rounds."""

@@ -77,7 +77,12 @@ def assert_same_run(state, results, ref_state, ref_results, out, ref_out):
         np.testing.assert_allclose(a["loss_per_slot"], b["loss_per_slot"], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", available())
+# two methods in the default suite (one server-held adapter per cluster, one with client-held
+# adapters and blends); the other five with -m slow, to keep the default run short
+FAST = ("fedrouter", "feddpa")
+
+
+@pytest.mark.parametrize("method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in available()])
 def test_server_and_client_apps_through_a_fake_grid_equal_the_simulator(smoke, method, tmp_path, request):
     """Every message crosses Flower's own serialisation; adapters, client states, optimizer,
     metrics.jsonl and ROUGE-1 equal a simulator run (one node holding the 4 clients)."""
