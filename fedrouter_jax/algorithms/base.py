@@ -39,6 +39,7 @@ from flax import struct
 
 from fedrouter_jax.lora import LoraStack, init_lora
 from fedrouter_jax.models.config import LlamaConfig
+from fedrouter_jax.tree_util import take_rows
 from fedrouter_jax.training import step_settings
 
 
@@ -232,6 +233,4 @@ def same_init(env: Env, key: jax.Array, n: int) -> dict:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), one)
 
 
-def rows(tree, index):
-    """Leaves[index] along the leading axis."""
-    return jax.tree.map(lambda x: x[index], tree)
+rows = take_rows  # leading-axis indexing lives in tree_util (one implementation)
