@@ -41,6 +41,7 @@ __all__ = [
     "EvalConfig",
     "CheckpointConfig",
     "FederationConfig",
+    "MetricsConfig",
     "FedClusterConfig",
     "FedDPAConfig",
     "FedRouterConfig",
@@ -187,6 +188,13 @@ class FederationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """What a run logs besides metrics.jsonl (which stays the source of truth)."""
+
+    tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tensorboard
+
+
+@dataclasses.dataclass(frozen=True)
 class FedClusterConfig:
     n_clusters: int = 4
     cluster_round: int = 1  # round after which clients are clustered
@@ -223,6 +231,7 @@ class FedRouterConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     fedcluster: FedClusterConfig = dataclasses.field(default_factory=FedClusterConfig)
     feddpa: FedDPAConfig = dataclasses.field(default_factory=FedDPAConfig)
 
