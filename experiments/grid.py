@@ -49,7 +49,8 @@ SCENARIO_CONFIGS = {
     "generalization": "configs/generalization.yaml",
 }
 GRID_KEYS = ("name", "results_dir", "runs_dir", "base", "methods", "scenarios", "seeds", "variants",
-             "overrides", "scenario_configs", "scenario_overrides", "method_overrides", "description")
+             "overrides", "scenario_configs", "scenario_overrides", "method_overrides", "description",
+             "generalization_from")
 
 
 class GridError(ValueError):
@@ -63,6 +64,7 @@ class Cell:
     variant: str
     seed: int
     cfg: object  # FedRouterConfig
+    sources: tuple = ()  # (config files, dotted overrides) the config was built from
 
     @property
     def key(self) -> tuple:
@@ -80,6 +82,9 @@ class Grid:
     results_dir: Path
     runs_dir: Path
     cells: list
+    # evaluate the trained cells of this scenario (e.g. "single") on every task with the global
+    # router, as scenario "generalization" (the paper's Table 3: no retraining)
+    generalization_from: Optional[str] = None
 
     @property
     def jsonl(self) -> Path:
@@ -195,13 +200,48 @@ def load_grid(path, *, sets=(), methods: Optional[list] = None, scenarios: Optio
                         cfg = load_config(base_files + [scen_file], ov)
                     except ConfigError as e:
                         raise GridError(f"cell {variant}/{scenario}/{method}/seed{seed}: {e}") from None
-                    cells.append(Cell(method, scenario, variant, int(seed), cfg))
-    return Grid(name=name, results_dir=results_dir, runs_dir=runs_dir, cells=cells)
+                    cells.append(Cell(method, scenario, variant, int(seed), cfg,
+                                      (tuple(base_files + [scen_file]), tuple(ov))))
+    gen_from = spec.get("generalization_from")
+    if gen_from is not None:
+        _choices(gen_from, g_scenarios, f"{path}: generalization_from")
+        if "generalization" in g_scenarios:
+            raise GridError(f"{path}: generalization_from: the grid also trains a 'generalization' "
+                            "scenario; use one or the other")
+    return Grid(name=name, results_dir=results_dir, runs_dir=runs_dir, cells=cells, generalization_from=gen_from)
 
 
 def config_hash(cfg) -> str:
     d = config_to_dict(cfg)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prune_new_defaults(current, stored, default):
+    """`current` without the keys `stored` lacks whose value is still the default (keys added to
+    the config after the cell ran), and without keys `stored` lacks that the defaults lack too."""
+    out = {}
+    for k, v in current.items():
+        if k not in stored:
+            if isinstance(default, dict) and default.get(k) == v:
+                continue
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(stored[k], dict):
+            out[k] = _prune_new_defaults(v, stored[k], default.get(k, {}) if isinstance(default, dict) else {})
+        else:
+            out[k] = v
+    return out
+
+
+def same_config(stored: Optional[dict], cfg) -> bool:
+    """Whether a finished cell's recorded config is `cfg`'s: equal, except for config keys added
+    since (at their default value), so that a new option does not rerun hours of finished cells."""
+    if stored is None:
+        return False
+    from fedrouter_jax.config import load_config as _load
+
+    current = config_to_dict(cfg)
+    default = config_to_dict(_load([], []))
+    return _prune_new_defaults(current, stored, default) == stored
 
 
 def read_cells(path: Path) -> list[dict]:
@@ -234,6 +274,35 @@ def cell_record(cell: Cell, results: dict, history: list, wall_s: float, cpu_s: 
     for other in ("local", "global"):
         if other != mode and other in results:
             rec[f"rouge1_{other}"] = results[other]["rouge1"]
+    return rec
+
+
+def generalization_record(cell: Cell, *, progress: bool = False) -> dict:
+    """The paper's test-time generalization (Table 3) of a finished cell, without retraining:
+    its final checkpoint, restored into a run of the same config on the "generalization"
+    scenario (the same training partition, every task in each client's test set), scored
+    with the global router. Writes only under <cell out_dir>/generalization."""
+    from fedrouter_jax.checkpoint import CheckpointStore
+    from fedrouter_jax.runner import Run
+
+    files, overrides = cell.sources
+    out = Path(cell.cfg.out_dir) / "generalization"
+    gen_cfg = load_config(list(files), list(overrides) + [
+        "data.scenario=generalization", "eval.router=global", "eval.router_modes=[]", f"out_dir={out}"])
+    t0, c0 = time.perf_counter(), time.process_time()
+    run = Run(gen_cfg, progress=progress)
+    store = CheckpointStore(Path(cell.cfg.out_dir) / "checkpoints", keep=1, read_only=True)
+    state, history, step = run.restore(store)
+    if step != cell.cfg.train.rounds:
+        raise GridError(f"cell {cell.name}: its last checkpoint is round {step}, not the final round "
+                        f"{cell.cfg.train.rounds}; rerun the cell")
+    run.state = state
+    out.mkdir(parents=True, exist_ok=True)
+    results = run.final_evaluation()
+    gen_cell = dataclasses.replace(cell, scenario="generalization", cfg=gen_cfg)
+    rec = cell_record(gen_cell, results, history, time.perf_counter() - t0, time.process_time() - c0)
+    rec["rouge1_per_round"] = []  # the trained cell's curve is on its own test sets, not these
+    rec["trained_in"] = cell.name
     return rec
 
 
@@ -272,9 +341,16 @@ def run_grid(grid: Grid, *, progress: bool = False, fresh_cells: bool = False, l
     from report import write_tables
 
     grid.results_dir.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["scenario"], r.get("variant", "default"), r["seed"]): r.get("config_hash")
+    done = {(r["method"], r["scenario"], r.get("variant", "default"), r["seed"]): r
             for r in read_cells(grid.jsonl)}
-    todo = [c for c in grid.cells if done.get(c.key) != config_hash(c.cfg)]
+
+    def finished(cell) -> bool:
+        r = done.get(cell.key)
+        return r is not None and (r.get("config_hash") == config_hash(cell.cfg) or same_config(r.get("config"), cell.cfg))
+
+    todo = [c for c in grid.cells if not finished(c)]
+    gen_todo = [c for c in grid.cells if c.scenario == grid.generalization_from
+                and (c.method, "generalization", c.variant, c.seed) not in done]
     log(f"[grid {grid.name}] {len(grid.cells)} cells, {len(grid.cells) - len(todo)} finished, {len(todo)} to run "
         f"-> {grid.jsonl}")
     data, data_key, records = None, None, []
@@ -292,8 +368,23 @@ def run_grid(grid: Grid, *, progress: bool = False, fresh_cells: bool = False, l
         write_tables(grid.jsonl, grid.results_dir / grid.name)
         log(f"[grid {grid.name}] {i + 1}/{len(todo)} {cell.name}: rouge1 {rec['rouge1']:.4f} "
             f"({time.perf_counter() - t0:.1f} s, total {time.perf_counter() - t_all:.0f} s)")
+        if cell in gen_todo:
+            _append_generalization(grid, cell, progress, log)
+            gen_todo.remove(cell)
+    for cell in gen_todo:  # trained before (e.g. by a run that stopped between the two steps)
+        _append_generalization(grid, cell, progress, log)
     write_tables(grid.jsonl, grid.results_dir / grid.name)
     return records
+
+
+def _append_generalization(grid: Grid, cell: Cell, progress: bool, log) -> None:
+    rec = generalization_record(cell, progress=progress)
+    with open(grid.jsonl, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    from report import write_tables
+
+    write_tables(grid.jsonl, grid.results_dir / grid.name)
+    log(f"[grid {grid.name}] generalization of {cell.name}: rouge1 {rec['rouge1']:.4f} ({rec['wall_time_s']:.1f} s)")
 
 
 def _csv(s: Optional[str], cast=str):

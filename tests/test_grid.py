@@ -37,8 +37,8 @@ def test_smoke_grid_runs_writes_results_and_resumes(model_dir, tmp_path, capsys)
     assert len((tmp_path / "results" / "grid_smoke.jsonl").read_text().splitlines()) == 2
 
 
-def _write(tmp_path, text):
-    p = tmp_path / "g.yaml"
+def _write(tmp_path, text, name="g.yaml"):
+    p = tmp_path / name
     p.write_text(text)
     return p
 
@@ -104,3 +104,40 @@ def test_table1_mean_std_average_and_bold_by_hand(tmp_path):
 def test_shipped_grids_are_valid(name):
     g = grid_mod.load_grid(ROOT / "configs" / f"{name}.yaml")
     assert g.cells and len({c.cfg.out_dir for c in g.cells}) == len(g.cells)
+
+
+def test_a_new_config_key_at_its_default_keeps_finished_cells(tmp_path):
+    cell = grid_mod.load_grid(SMOKE).cells[0]
+    stored = grid_mod.config_to_dict(cell.cfg)
+    del stored["metrics"]  # a cell recorded before the metrics section existed
+    assert grid_mod.same_config(stored, cell.cfg)
+    changed = json.loads(json.dumps(stored))
+    changed["train"]["rounds"] += 1
+    assert not grid_mod.same_config(changed, cell.cfg)
+    del changed["train"]["max_grad_norm"]  # missing, but the cell's value (1.0) is the default
+    changed["train"]["rounds"] -= 1
+    assert grid_mod.same_config(changed, cell.cfg)
+    changed["train"]["lr"] = 0.1  # a recorded value that differs is a different cell
+    assert not grid_mod.same_config(changed, cell.cfg)
+
+
+def test_generalization_from_single_equals_training_the_generalization_scenario(model_dir, tmp_path):
+    """Table 3 without retraining: the Single cell's checkpoint scored on every task with the
+    global router gives exactly what training on the generalization scenario (the same training
+    partition) gives."""
+    base = _write(tmp_path, SMOKE.read_text().replace("scenarios: [dual]", "scenarios: [single]")
+                  .replace("methods: [fedit, fedrouter]", "methods: [fedrouter]")
+                  .replace("n_local: 2,", "n_local: 1,") + "generalization_from: single\n")
+    trained = _write(tmp_path, SMOKE.read_text().replace("scenarios: [dual]", "scenarios: [generalization]")
+                     .replace("methods: [fedit, fedrouter]", "methods: [fedrouter]")
+                     .replace("n_local: 2,", "n_local: 1,"), name="trained.yaml")
+    for path, sub in ((base, "a"), (trained, "b")):
+        assert grid_mod.main([str(path), "--set", f"model.path={model_dir}", "--results-dir", str(tmp_path / sub),
+                              "--runs-dir", str(tmp_path / sub / "runs")]) == 0
+    a = [json.loads(l) for l in next((tmp_path / "a").glob("*.jsonl")).read_text().splitlines()]
+    b = [json.loads(l) for l in next((tmp_path / "b").glob("*.jsonl")).read_text().splitlines()]
+    assert [r["scenario"] for r in a] == ["single", "generalization"] and a[1]["trained_in"] == "single/fedrouter/seed0"
+    assert a[1]["router"] == "global" and set(a[1]["per_task"]) == {"qqp", "gigaword", "samsum", "webnlg"}
+    assert [r["scenario"] for r in b] == ["generalization"]
+    assert a[1]["rouge1"] == b[0]["rouge1"] and a[1]["per_client"] == b[0]["per_client"]
+    assert a[1]["train_loss"] == b[0]["train_loss"] == a[0]["train_loss"]
