@@ -100,7 +100,7 @@ def test_table1_mean_std_average_and_bold_by_hand(tmp_path):
     assert [r["rouge1"] for r in loaded if r["method"] == "fedit" and r["scenario"] == "dual"] == [0.1]
 
 
-@pytest.mark.parametrize("name", ["grid_cpu", "grid_paper", "grid_smoke", "grid_clients"])
+@pytest.mark.parametrize("name", ["grid_main", "grid_cpu", "grid_paper", "grid_smoke", "grid_clients"])
 def test_shipped_grids_are_valid(name):
     g = grid_mod.load_grid(ROOT / "configs" / f"{name}.yaml")
     assert g.cells and len({c.cfg.out_dir for c in g.cells}) == len(g.cells)
