@@ -141,3 +141,13 @@ def test_generalization_from_single_equals_training_the_generalization_scenario(
     assert [r["scenario"] for r in b] == ["generalization"]
     assert a[1]["rouge1"] == b[0]["rouge1"] and a[1]["per_client"] == b[0]["per_client"]
     assert a[1]["train_loss"] == b[0]["train_loss"] == a[0]["train_loss"]
+
+
+def test_plateau_verdict_by_hand():
+    import plateau
+
+    rising = [(4, 0.10), (8, 0.20), (12, 0.30), (16, 0.35)]
+    assert plateau.verdict(rising, 16) == ("still rising", pytest.approx(0.05))  # 0.35 - 0.30 (round 12)
+    flat = [(4, 0.10), (8, 0.20), (12, 0.345), (16, 0.35)]
+    assert plateau.verdict(flat, 16)[0] == "plateaued"
+    assert plateau.verdict(rising[:3], 16) == ("unfinished", None)
