@@ -29,6 +29,7 @@ from fedrouter_jax.metrics import rouge1
 from fedrouter_jax.models.hf_io import load_pretrained
 from fedrouter_jax.routing import EvalPlan, generate_routed
 from fedrouter_jax.simulator import NonFiniteError, SimState, Simulator, client_inputs  # noqa: F401
+from fedrouter_jax.tensorboard_log import open_log
 
 
 @dataclasses.dataclass
@@ -274,6 +275,7 @@ class Run:
         if primary:
             _write_jsonl(self.out / "metrics.jsonl", history)
         rounds = cfg.train.rounds
+        scalars = open_log(primary and cfg.metrics.tensorboard, self.out)
         bar = None
         if self.progress and primary:
             from tqdm.auto import tqdm
@@ -295,6 +297,8 @@ class Run:
             if primary:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if scalars:
+                    scalars.write(rec)
             last = r + 1 == rounds
             if primary and cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
                 store.save(r + 1, state, {"history": history, "config": config_to_dict(cfg)})
@@ -305,6 +309,8 @@ class Run:
                 break
         if bar:
             bar.close()
+        if scalars:
+            scalars.close()
         self.state = state
         return {"state": state, "history": history}
 
@@ -321,6 +327,10 @@ class Run:
             results["base"] = evaluate(data, base_plan(data), progress=self.progress)
         if is_primary():
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
+            scalars = open_log(cfg.metrics.tensorboard, self.out)
+            if scalars:  # the final score, at the last round's step
+                scalars.write({"round": cfg.train.rounds, "eval": results[cfg.eval.router]})
+                scalars.close()
         return results
 
 
