@@ -217,8 +217,8 @@ def config_hash(cfg) -> str:
 
 
 def _prune_new_defaults(current, stored, default):
-    """`current` without the keys `stored` lacks whose value is still the default (keys added to
-    the config after the cell ran), and without keys `stored` lacks that the defaults lack too."""
+    """`current` without the keys that `stored` lacks and whose value is the default (keys added
+    to the config after the cell ran); every other key is kept, so a real difference stays one."""
     out = {}
     for k, v in current.items():
         if k not in stored:
@@ -237,11 +237,7 @@ def same_config(stored: Optional[dict], cfg) -> bool:
     since (at their default value), so that a new option does not rerun hours of finished cells."""
     if stored is None:
         return False
-    from fedrouter_jax.config import load_config as _load
-
-    current = config_to_dict(cfg)
-    default = config_to_dict(_load([], []))
-    return _prune_new_defaults(current, stored, default) == stored
+    return _prune_new_defaults(config_to_dict(cfg), stored, config_to_dict(load_config(None))) == stored
 
 
 def read_cells(path: Path) -> list[dict]:
