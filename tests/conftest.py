@@ -1,3 +1,4 @@
+import gc
 import os
 
 # Tests run on the CPU with deterministic float32 matmuls.
@@ -20,6 +21,17 @@ def model_dir(tmp_path_factory):
     from helpers import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops every compiled program after each test module. XLA:CPU keeps each executable's code
+    in its own memory maps until it is freed; the whole suite in one process compiles enough of
+    them to pass the kernel's per-process limit (vm.max_map_count, 65530 by default), and then
+    LLVM segfaults inside a compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

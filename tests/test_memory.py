@@ -1,5 +1,6 @@
 """Client groups from measured memory (`fedrouter_jax.memory`): the search, the CPU fallback, and
 the estimate of a compiled round against the memory its run really takes (CPU: peak RSS)."""
+import ctypes
 import dataclasses
 import os
 from types import SimpleNamespace
@@ -61,6 +62,9 @@ def test_auto_client_chunk_on_cpu_keeps_the_token_budget():
     assert c.chunk == client_chunk_size("auto", 128, 64) == 32 and c.memory is None
 
 
+PAGE_SLACK = 1 * MiB  # allocator pages already resident (glibc keeps some after malloc_trim)
+
+
 def _vm_hwm() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
@@ -89,9 +93,12 @@ def test_estimate_brackets_the_measured_peak(chunk):
     low, high = est.added_bounds()
     assert low > 20 * MiB  # large enough that the bracket means something
     jax.block_until_ready(args)
+    # hand freed heap pages back to the OS: pages an earlier test freed but glibc kept resident
+    # would be reused without raising the peak (the CI saw 29.62 MiB grown for 29.75 MiB buffers)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _rss()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     jax.block_until_ready(compiled(*args))
     grew = _vm_hwm() - before
-    assert low <= grew <= high, (low / MiB, grew / MiB, high / MiB)
+    assert low - PAGE_SLACK <= grew <= high, (low / MiB, grew / MiB, high / MiB)
