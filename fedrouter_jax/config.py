@@ -6,6 +6,13 @@ client). YAML files under ``configs/`` hold only overrides of these defaults, an
 ``load_config(["configs/default.yaml", "configs/single.yaml"], ["train.rounds=3"])`` applies the
 files left to right, then the dotted ``key=value`` overrides (values are parsed as YAML).
 
+The sections are frozen pydantic dataclasses; pydantic checks the types (strict JSON mode: YAML
+data is JSON-shaped, so only int -> float is converted, and lists become tuples). Sections used
+by one method live with that method (`clustering` in algorithms/fedrouter.py, `fedcluster` and
+`feddpa` in algorithms/baselines.py): a method registers `config_section=(key, cls)` on its
+`Method` record, every registered section is a top-level key (`cfg.feddpa`, `feddpa.variant`),
+and only the chosen method's section's cross-field check (`cls.problems(cfg)`) runs.
+
 Every problem is a :class:`ConfigError` (a ``ValueError``) whose message names the full dotted
 path of the field and what was expected; all problems found in one pass are reported together.
 
@@ -20,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
+import json
 import os
 import re
 import types
@@ -29,21 +37,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import pydantic
+import pydantic.dataclasses
+import pydantic_core
 import yaml
 
 __all__ = [
     "ConfigError",
+    "section",
     "ModelConfig",
     "LoraConfig",
     "DataConfig",
     "TrainConfig",
-    "ClusterConfig",
     "EvalConfig",
     "CheckpointConfig",
     "FederationConfig",
     "MetricsConfig",
-    "FedClusterConfig",
-    "FedDPAConfig",
     "FedRouterConfig",
     "LORA_TARGETS",
     "METHODS",
@@ -71,13 +80,32 @@ LORA_TARGETS: tuple[str, ...] = (
 EMBEDDED_MODEL = "embedded"
 ROUTER_MODES: tuple[str, ...] = ("local", "global")  # eval.router / eval.router_modes
 
+# strict: no coercion (3.0 is not an int, 1 is not a bool); unknown keys and inf / nan are errors
+_STRICT = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def section(cls: type) -> type:
+    """A config section: a frozen, hashable, strictly typed pydantic dataclass.
+
+    A method's own section is one of these, registered on its record, e.g. in the method's module:
+
+        @section
+        class FedAvgMConfig:
+            beta: float = 0.9
+            def problems(self, cfg) -> list[str]:      # optional cross-field checks, run only
+                return [] if 0 <= self.beta < 1 else [f"fedavgm.beta: expected in [0, 1), got {self.beta}"]
+
+        register(Method(..., config_section=("fedavgm", FedAvgMConfig)))   # cfg.fedavgm.beta
+    """
+    return pydantic.dataclasses.dataclass(cls, frozen=True, config=_STRICT)
+
 
 # ---------------------------------------------------------------------------------------------
 # Schema. Defaults = the paper's setup (section 4, "Model Setup" and "Federated Setup").
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class ModelConfig:
     path: str = EMBEDDED_MODEL  # "embedded" = packaged tiny Llama; else a local HF dir (config.json)
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -85,7 +113,7 @@ class ModelConfig:
     embed_max_tokens: int = 1024  # tokens fed to the base model when embedding a sample
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
@@ -95,7 +123,7 @@ class LoraConfig:
     dropout: float = 0.05
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class DataConfig:
     source: Literal["synthetic", "hf"] = "synthetic"
     hf_dir: Optional[str] = None  # local directory with the real datasets (source: hf)
@@ -113,7 +141,7 @@ class DataConfig:
     mix: Literal["even", "pool_sizes"] = "even"
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class TrainConfig:
     rounds: int = 25
     local_steps: int = 10
@@ -146,20 +174,7 @@ class TrainConfig:
     layer_loop: Literal["auto", "scan", "unroll"] = "auto"
 
 
-@dataclasses.dataclass(frozen=True)
-class ClusterConfig:
-    n_local: Union[int, Literal["auto"]] = 4  # "auto" = silhouette over [k_min, k_max]
-    n_global: Union[int, Literal["auto"]] = 4
-    k_min: int = 2
-    k_max: int = 8
-    n_init: int = 10
-    max_iter: int = 300
-    tol: float = 1e-4
-    min_silhouette: float = 0.0  # best silhouette below this => a single cluster
-    schedule: Literal["global", "local_index"] = "global"
-
-
-@dataclasses.dataclass(frozen=True)
+@section
 class EvalConfig:
     router: Literal["local", "global"] = "local"
     batching: Literal["grouped", "mixed"] = "grouped"
@@ -170,13 +185,13 @@ class EvalConfig:
     router_modes: tuple[str, ...] = ()  # extra routing modes scored at the end, e.g. [global]
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class CheckpointConfig:
     keep: int = 3  # keep the last N complete checkpoints
     every: int = 1  # save every N rounds (the last round is always saved); 0 = never
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class FederationConfig:
     """Who takes part in a round and what happens to replies that fail."""
 
@@ -187,39 +202,20 @@ class FederationConfig:
     on_nonfinite: Literal["drop", "stop"] = "drop"
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class MetricsConfig:
     """What a run logs besides metrics.jsonl (which stays the source of truth)."""
 
     tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tensorboard
 
 
-@dataclasses.dataclass(frozen=True)
-class FedClusterConfig:
-    n_clusters: int = 4
-    cluster_round: int = 1  # round after which clients are clustered
-    similarity_on: Literal["b", "a", "ab"] = "b"  # LoRA factor(s) whose updates are compared (authors: B)
-    similarity_layers: Literal["all", "last"] = "all"  # "last" = the authors' last LoRA tensor only
 
-
-@dataclasses.dataclass(frozen=True)
-class FedDPAConfig:
-    # "reference" = the released FedDPA code (Lydia-yang/FedDPA): local adapter trained as
-    # a L + (1 - a) sg(G); at test time w sim(x) on the GLOBAL adapter, 1 - w sim(x) on the
-    # local one, sim from the last prompt token of base + local adapter; uniform FedAvg.
-    # "pre_issue16" = this repository's first port: local trained as L + a G, weight
-    # clip(w sim(x), 0, w) on the LOCAL adapter (blend (1 - s) G + s / (1 - a) L), sim from the
-    # base model's mean-pooled input embeddings, sample-weighted FedAvg (docs/FAITHFULNESS.md 1).
-    variant: Literal["reference", "pre_issue16"] = "reference"
-    mixing: Literal["dynamic", "fixed"] = "dynamic"
-    fixed_weight: float = 0.5  # weight of the global adapter when mixing: fixed
-    train_weight: float = 0.5  # a: weight of the local adapter (reference) / of the frozen global one (pre_issue16) while training the local one
-    max_weight: float = 0.5  # dynamic: w, the weight = w * mean cosine similarity
-    instance_num: int = 5  # dynamic: local training samples compared per test sample (0 = all)
-
-
-@dataclasses.dataclass(frozen=True)
+@section
 class FedRouterConfig:
+    """The run's one config object. Besides these fields it holds one section per registered
+    method that has one (`sections`, in registration order), read as attributes: `cfg.feddpa`.
+    `FedRouterConfig(feddpa=...)` and `dataclasses.replace(cfg, feddpa=...)` set one."""
+
     method: str = "fedrouter"  # a registered method (fedrouter_jax.algorithms.available())
     seed: int = 0
     out_dir: str = "runs/default"
@@ -227,18 +223,55 @@ class FedRouterConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    clustering: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
-    fedcluster: FedClusterConfig = dataclasses.field(default_factory=FedClusterConfig)
-    feddpa: FedDPAConfig = dataclasses.field(default_factory=FedDPAConfig)
+    # ((key, section), ...) of the registered methods; filled in (defaults) by _with_sections
+    sections: tuple[tuple[str, Any], ...] = ()
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _with_sections(cls, data: Any) -> Any:
+        """Moves `feddpa=...` style arguments into `sections`, defaults the missing ones."""
+        if not isinstance(data, pydantic_core.ArgsKwargs):
+            return data
+        kwargs = dict(data.kwargs or {})
+        given = dict(kwargs.pop("sections", ()))
+        registered = method_sections()
+        for key in [k for k in kwargs if k in registered]:
+            given[key] = kwargs.pop(key)
+        for key, value in given.items():
+            if key in registered and not isinstance(value, registered[key]):
+                raise TypeError(f"{key}: expected a {registered[key].__name__}, got {_describe(value)}")
+        kwargs["sections"] = tuple((key, given.pop(key) if key in given else sec()) for key, sec in registered.items()) + tuple(
+            given.items())  # a section whose method is not registered (any more) is kept as it is
+        return pydantic_core.ArgsKwargs(data.args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the sections
+        for key, value in self.__dict__.get("sections", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"{type(self).__name__!r} has no field or method section {name!r}")
 
     def validate(self) -> "FedRouterConfig":
         """Cross-field checks; raises ConfigError listing every problem. Returns self."""
         validate(self)
         return self
+
+
+_CORE_KEYS = tuple(f.name for f in dataclasses.fields(FedRouterConfig) if f.name != "sections")
+
+
+def method_sections() -> dict[str, type]:
+    """{key: section class} of every registered method's own section (registration order)."""
+    from fedrouter_jax.algorithms import base  # here, not at import: the algorithms import config
+
+    out = base.config_sections()
+    clash = sorted(set(out) & set(_CORE_KEYS + ("sections",)))
+    if clash:
+        raise TypeError(f"method config section(s) {', '.join(clash)}: the name of a core config key")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +346,27 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic dict -> frozen dataclass builder with type checking.
+# Nested dict -> FedRouterConfig: pydantic checks the types; the messages name the dotted key.
 # ---------------------------------------------------------------------------------------------
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+@functools.lru_cache(maxsize=None)
+def _input_schema(sections: tuple[tuple[str, type], ...]) -> pydantic.TypeAdapter:
+    """What a config file may hold: the core keys plus one key per registered method section."""
+    fields = {f.name: (f.type, pydantic.Field(default_factory=f.default_factory)
+                       if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(FedRouterConfig) if f.name != "sections"}
+    fields.update({key: (cls, pydantic.Field(default_factory=cls)) for key, cls in sections})
+    model = pydantic.create_model("FedRouterConfigInput", __config__=_STRICT, __module__=__name__, **fields)
+    model.model_rebuild(_types_namespace=globals())
+    return pydantic.TypeAdapter(model)
+
+
+def _keys(tp: Any) -> dict[str, Any] | None:
+    """{key: annotation} of a section type (None for a leaf type)."""
+    if not dataclasses.is_dataclass(tp):
+        return None
+    return {f.name: typing.get_type_hints(tp)[f.name] for f in dataclasses.fields(tp)}
 
 
 def _is_union(tp: Any) -> bool:
@@ -336,8 +384,7 @@ def _type_name(tp: Any) -> str:
     if _is_union(tp):
         return " or ".join(_type_name(a) for a in args)
     if origin in (tuple, list):
-        inner = args[0] if args else Any
-        return f"a list of {_type_name(inner)}"
+        return f"a list of {_type_name(args[0] if args else Any)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -352,97 +399,49 @@ def _suggest(word: Any, choices: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
-    """Checks `value` against annotation `tp`; returns the converted value (or None on error)."""
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, errors)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        if not isinstance(value, bool) and not isinstance(value, str) and value in args:
-            return value
-        choices = ", ".join(repr(a) for a in args)
-        errors.append(
-            f"{path}: {_describe(value)} is not a valid choice; expected one of {choices}"
-            + _suggest(value, [str(a) for a in args])
-        )
-        return None
-    if _is_union(tp):
-        if value is None and type(None) in args:
-            return None
-        for arm in args:
-            if arm is type(None):
-                continue
-            arm_errors: list[str] = []
-            out = _coerce(value, arm, path, arm_errors)
-            if not arm_errors:
-                return out
-        errors.append(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
-        return None
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
-            return None
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                errors.append(
-                    f"{path}: expected a list of {len(args)} items, got {len(value)}"
-                )
-                return None
-            items = [_coerce(v, a, f"{path}[{i}]", errors) for i, (v, a) in
-                     enumerate(zip(value, args))]
-        else:
-            inner = args[0] if args else Any
-            items = [_coerce(v, inner, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else list(items)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .inf / .nan pass YAML but break training at round 1
-                errors.append(f"{path}: expected a finite number, got {value!r}")
-                return None
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a schema bug, not a user error
-        raise TypeError(f"{path}: unsupported annotation {tp!r} in the config schema")
-    errors.append(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
-    return None
+_MAPPING_ERRORS = ("dataclass_type", "dataclass_exact_type", "model_type", "model_attributes_type", "dict_type")
 
 
-def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
-    where = path or "the top level"
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data) and type(data) is cls:
-        return data
-    if not isinstance(data, Mapping):
-        errors.append(f"{where}: expected a mapping of {cls.__name__} keys, got {_describe(data)}")
-        return None
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            errors.append(
-                f"{dotted}: unknown key{_suggest(key, names) or '.'} Valid keys under {where}: "
-                + ", ".join(names)
-            )
-            continue
-        kwargs[key] = _coerce(value, hints[key], dotted, errors)
-    if errors:
-        return None
-    return cls(**kwargs)
+def _message(error: dict, top: dict[str, Any]) -> str:
+    """One pydantic error as `dotted.key: what was expected, got what` (its `loc` is the path)."""
+    keys, tp, path, cls_name = top, None, "", "FedRouterConfig"
+    for part in error["loc"]:
+        if keys is not None and isinstance(part, str):
+            dotted = f"{path}.{part}" if path else part
+            if part not in keys:  # extra_forbidden / unexpected_keyword_argument
+                return (f"{dotted}: unknown key{_suggest(part, list(keys)) or '.'} Valid keys under "
+                        f"{path or 'the top level'}: " + ", ".join(keys))
+            path, tp = dotted, keys[part]
+            keys, cls_name = _keys(tp), getattr(tp, "__name__", "")
+        elif isinstance(part, int) and typing.get_origin(tp) is tuple:
+            path, tp, keys = f"{path}[{part}]", typing.get_args(tp)[0], None
+        else:  # the tag of a union's arm: the message is about the whole field
+            break
+    kind, value = error["type"], error["input"]
+    if kind in _MAPPING_ERRORS:
+        return f"{path or 'the top level'}: expected a mapping of {cls_name} keys, got {_describe(value)}"
+    if kind == "literal_error" and typing.get_origin(tp) is Literal:
+        args = typing.get_args(tp)
+        return (f"{path}: {_describe(value)} is not a valid choice; expected one of "
+                + ", ".join(repr(a) for a in args) + _suggest(value, [str(a) for a in args]))
+    if kind == "finite_number":
+        return f"{path}: expected a finite number, got {value!r}"
+    if kind.endswith("_type") or _is_union(tp):
+        return f"{path}: expected {_type_name(tp)}, got {_describe(value)}"
+    return f"{path}: {error['msg']}, got {_describe(value)}"  # a section's own constraint (Field(ge=...))
+
+
+def _plain(x: Any, path: str) -> Any:
+    """Nested dicts / lists / scalars; a YAML value JSON lacks (a date) is an error naming its key."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return config_to_dict(x)
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(x)]
+    if x is None or isinstance(x, (str, int, float)):
+        return x
+    raise ConfigError(f"{path}: {_describe(x)} is not a config value (quote it to make it a string)")
 
 
 def config_from_dict(d: Mapping | None, *, check: bool = True) -> FedRouterConfig:
@@ -451,21 +450,33 @@ def config_from_dict(d: Mapping | None, *, check: bool = True) -> FedRouterConfi
     Unknown keys, wrong types and bad choices are all reported in one ConfigError; then the
     cross-field `validate` runs (unless check=False).
     """
-    errors: list[str] = []
-    cfg = _build(FedRouterConfig, d, "", errors)
-    if errors:
-        raise ConfigError(_join(errors))
+    sections = method_sections()
+    adapter = _input_schema(tuple(sections.items()))
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"the top level: expected a mapping of FedRouterConfig keys, got {_describe(d)}")
+    try:  # YAML data is JSON-shaped: pydantic's strict JSON mode is YAML's typing
+        parsed = adapter.validate_json(json.dumps(_plain(d, "")))
+    except pydantic.ValidationError as e:
+        top = {**{k: typing.get_type_hints(FedRouterConfig)[k] for k in _CORE_KEYS}, **sections}
+        raise ConfigError(_join(list(dict.fromkeys(_message(err, top) for err in e.errors())))) from None
+    cfg = FedRouterConfig(**{key: getattr(parsed, key) for key in (*_CORE_KEYS, *sections)})
     if check:
         validate(cfg)
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """The config as plain nested dicts/lists/scalars (YAML- and JSON-safe)."""
+    """The config as plain nested dicts/lists/scalars (YAML- and JSON-safe); the method
+    sections are top-level keys like the others."""
 
     def conv(x: Any) -> Any:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            out = {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "sections"}
+            if isinstance(x, FedRouterConfig):
+                out.update((key, conv(value)) for key, value in x.sections)
+            return out
         if isinstance(x, (tuple, list)):
             return [conv(v) for v in x]
         return x
@@ -494,6 +505,26 @@ def _deep_merge(base: dict, override: Mapping) -> dict:
     return out
 
 
+def _set_path(d: Mapping, key: str, value: Any, what: str, *, merge: bool = False) -> dict:
+    """`d` with the dotted `key` set to `value` (merge: a mapping value is merged into a section)."""
+    parts = key.split(".")
+    out = dict(d)
+    node = out
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, Mapping):
+            raise ConfigError(f"{what}: {'.'.join(parts[:i + 1])} is not a section "
+                              f"(it is set to {_describe(child)})")
+        node[part] = child = dict(child)
+        node = child
+    last = parts[-1]
+    merge = merge and isinstance(value, Mapping) and isinstance(node.get(last), Mapping)
+    node[last] = _deep_merge(node[last], value) if merge else value
+    return out
+
+
 def apply_overrides(d: Mapping, overrides: Sequence[str]) -> dict:
     """Applies dotted `key=value` strings (value parsed as YAML) to a nested dict, left to right."""
     if isinstance(overrides, str):
@@ -507,20 +538,7 @@ def apply_overrides(d: Mapping, overrides: Sequence[str]) -> dict:
                 f"override {item!r}: expected 'dotted.key=value', e.g. 'train.rounds=3'"
             )
         value = _yaml_loads(raw.strip(), f"override {item!r}") if raw.strip() else None
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, Mapping):
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section "
-                    f"(it is set to {_describe(child)})"
-                )
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
+        out = _set_path(out, key, value, f"override {item!r}")
     return out
 
 
@@ -564,44 +582,12 @@ def save_config(cfg: FedRouterConfig, path: str | os.PathLike) -> Path:
     return path
 
 
-def replace_path(cfg: Any, path: str, value: Any, *, check: bool = True) -> Any:
+def replace_path(cfg: FedRouterConfig, path: str, value: Any, *, check: bool = True) -> FedRouterConfig:
     """Functional update of one dotted field, type-checked like YAML input: e.g.
     `replace_path(cfg, "train.rounds", 3)`. Sections accept a dict of overrides.
-    Cross-field `validate` runs afterwards when `cfg` is a FedRouterConfig (unless check=False).
+    Cross-field `validate` runs afterwards (unless check=False).
     """
-    parts = path.split(".")
-
-    def rec(node: Any, i: int) -> Any:
-        prefix = ".".join(parts[:i])
-        names = [f.name for f in dataclasses.fields(node)]
-        name = parts[i]
-        dotted = ".".join(parts[: i + 1])
-        if name not in names:
-            raise ConfigError(
-                f"{dotted}: unknown key{_suggest(name, names) or '.'} Valid keys under "
-                f"{prefix or 'the top level'}: " + ", ".join(names)
-            )
-        tp = _hints(type(node))[name]
-        if i + 1 < len(parts):
-            child = getattr(node, name)
-            if not dataclasses.is_dataclass(child):
-                raise ConfigError(f"{dotted}: is a {_type_name(tp)}, not a section")
-            new = rec(child, i + 1)
-        else:
-            errors: list[str] = []
-            if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-                current = config_to_dict(getattr(node, name))
-                new = _build(tp, _deep_merge(current, value), dotted, errors)
-            else:
-                new = _coerce(value, tp, dotted, errors)
-            if errors:
-                raise ConfigError(_join(errors))
-        return dataclasses.replace(node, **{name: new})
-
-    out = rec(cfg, 0)
-    if check and isinstance(out, FedRouterConfig):
-        validate(out)
-    return out
+    return config_from_dict(_set_path(config_to_dict(cfg), path, value, path, merge=True), check=check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,14 +609,16 @@ def _check_model_path(path: str) -> str | None:
 
 
 def validate(cfg: FedRouterConfig) -> None:
-    """Cross-field checks; raises one ConfigError listing every problem found."""
+    """Cross-field checks; raises one ConfigError listing every problem found. Of the method
+    sections only the chosen method's is checked (`problems(cfg)`): a valid fedrouter run is
+    not refused over fedcluster's defaults."""
     e: list[str] = []
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             e.append(msg)
 
-    m, lo, d, t, c = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.clustering
+    m, lo, d, t = cfg.model, cfg.lora, cfg.data, cfg.train
     need(bool(cfg.out_dir), "out_dir: expected a non-empty directory path")
     need(cfg.seed >= 0, f"seed: expected an integer >= 0, got {cfg.seed}")
 
@@ -692,15 +680,11 @@ def validate(cfg: FedRouterConfig) -> None:
              f"train.client_mesh_devices: data.n_clients ({d.n_clients}) must be divisible by "
              f"the number of devices the client axis is sharded over ({t.client_mesh_devices})")
 
-    from fedrouter_jax.algorithms import available
+    from fedrouter_jax.algorithms import available, get_method
 
     methods = available()
     need(cfg.method in methods, f"method: unknown method {cfg.method!r}; expected one of "
                                 + ", ".join(methods) + _suggest(cfg.method, methods))
-    # Each method's own section is checked only when that method runs (item: a valid fedrouter
-    # run must not be refused over fedcluster's defaults).
-    if cfg.method in ("fedrouter", "fedrouter_star"):
-        _validate_clustering(cfg, need)
     ev = cfg.eval
     need(ev.max_new_tokens >= 1, f"eval.max_new_tokens: expected >= 1, got {ev.max_new_tokens}")
     need(ev.max_new_tokens < m.max_seq_len,
@@ -708,66 +692,17 @@ def validate(cfg: FedRouterConfig) -> None:
          f"{ev.max_new_tokens}")
     need(ev.batch_size >= 1, f"eval.batch_size: expected >= 1, got {ev.batch_size}")
     need(ev.every >= 0, f"eval.every: expected >= 0 (0 = only at the end), got {ev.every}")
+    for i, mode in enumerate(ev.router_modes):
+        need(mode in ROUTER_MODES, f"eval.router_modes[{i}]: {mode!r} is not a routing mode; expected one of "
+                                   + ", ".join(ROUTER_MODES) + _suggest(mode, ROUTER_MODES))
 
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep: expected >= 1, got {cfg.checkpoint.keep}")
     need(cfg.checkpoint.every >= 0,
          f"checkpoint.every: expected >= 0 (0 = never), got {cfg.checkpoint.every}")
 
-    if cfg.method == "fedcluster":
-        _validate_fedcluster(cfg, need)
-    if cfg.method == "feddpa":
-        _validate_feddpa(cfg, need)
-    for i, mode in enumerate(ev.router_modes):
-        need(mode in ROUTER_MODES, f"eval.router_modes[{i}]: {mode!r} is not a routing mode; expected one of "
-                                   + ", ".join(ROUTER_MODES) + _suggest(mode, ROUTER_MODES))
+    own = get_method(cfg.method).config_section if cfg.method in methods else None
+    if own is not None and hasattr(getattr(cfg, own[0]), "problems"):
+        e.extend(getattr(cfg, own[0]).problems(cfg))
 
     if e:
         raise ConfigError(_join(e))
-
-
-def _validate_clustering(cfg: FedRouterConfig, need) -> None:
-    """clustering.*: used by fedrouter and fedrouter_star only."""
-    c, d = cfg.clustering, cfg.data
-    need(c.k_min >= 2, f"clustering.k_min: expected >= 2 (silhouette needs 2+ clusters), "
-                       f"got {c.k_min}")
-    need(c.k_min <= c.k_max,
-         f"clustering.k_min: expected <= clustering.k_max ({c.k_max}), got {c.k_min}")
-    for name in ("n_local", "n_global"):
-        v = getattr(c, name)
-        if v != "auto":
-            need(v >= 1, f"clustering.{name}: expected >= 1 or 'auto', got {v}")
-    local_max = c.n_local if c.n_local != "auto" else c.k_max
-    need(local_max <= d.train_per_client,
-         f"clustering.{'n_local' if c.n_local != 'auto' else 'k_max'}: expected <= "
-         f"data.train_per_client ({d.train_per_client}) (k-means needs a sample per cluster), "
-         f"got {local_max}")
-    if c.n_global != "auto":
-        need(c.n_global <= d.n_clients * local_max,
-             f"clustering.n_global: expected <= the number of local centroids "
-             f"(data.n_clients x local clusters = {d.n_clients * local_max}), got {c.n_global}")
-    need(c.n_init >= 1, f"clustering.n_init: expected >= 1, got {c.n_init}")
-    need(c.max_iter >= 1, f"clustering.max_iter: expected >= 1, got {c.max_iter}")
-    need(c.tol >= 0, f"clustering.tol: expected >= 0, got {c.tol}")
-    need(-1.0 <= c.min_silhouette <= 1.0,
-         f"clustering.min_silhouette: expected in [-1, 1], got {c.min_silhouette}")
-
-
-def _validate_fedcluster(cfg: FedRouterConfig, need) -> None:
-    fc, d, t = cfg.fedcluster, cfg.data, cfg.train
-    need(1 <= fc.n_clusters <= d.n_clients,
-         f"fedcluster.n_clusters: expected in [1, data.n_clients={d.n_clients}], got "
-         f"{fc.n_clusters}")
-    need(0 <= fc.cluster_round <= t.rounds,
-         f"fedcluster.cluster_round: expected in [0, train.rounds={t.rounds}], got "
-         f"{fc.cluster_round}")
-
-
-def _validate_feddpa(cfg: FedRouterConfig, need) -> None:
-    need(0.0 <= cfg.feddpa.fixed_weight <= 1.0,
-         f"feddpa.fixed_weight: expected in [0, 1], got {cfg.feddpa.fixed_weight}")
-    need(0.0 <= cfg.feddpa.train_weight < 1.0,
-         f"feddpa.train_weight: expected in [0, 1), got {cfg.feddpa.train_weight}")
-    need(0.0 <= cfg.feddpa.max_weight <= 1.0,
-         f"feddpa.max_weight: expected in [0, 1], got {cfg.feddpa.max_weight}")
-    need(cfg.feddpa.instance_num >= 0,
-         f"feddpa.instance_num: expected >= 0 (0 = all training samples), got {cfg.feddpa.instance_num}")

@@ -233,15 +233,20 @@ class Run:
     """One federated run of `cfg.method`, resumable from `cfg.out_dir/checkpoints`."""
 
     def __init__(self, cfg: FedRouterConfig, *, data: Optional[RunData] = None, progress: bool = True):
-        self.cfg = cfg
-        self.progress = progress
-        self.out = Path(cfg.out_dir)
-        self.data = data or prepare(cfg)
+        data = data or prepare(cfg)
+        if data.cfg is not cfg:  # prepared under another config (same model, data, seed): one config object
+            data = dataclasses.replace(data, cfg=cfg)
+        self.data, self.progress, self.out = data, progress, Path(cfg.out_dir)
         self.method = get_method(cfg.method)
         self.env = Env(config=cfg, model_cfg=self.data.model_cfg, n_clients=self.data.fed.n_clients)
         self.sim = Simulator(self.method, self.env, self.data.base, self.data.inputs, self.data.train_sets,
                              mesh_devices=cfg.train.client_mesh_devices)
         self.state: Optional[SimState] = None
+
+    @property
+    def cfg(self) -> FedRouterConfig:
+        """The run's config: the same object as `self.data.cfg` and `self.env.config`."""
+        return self.env.config
 
     def initial_state(self) -> SimState:
         """The state before round 1 (client_setup + server_setup); also the restore target."""

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fedrouter_jax.config import FedRouterConfig
 from fedrouter_jax.lora import LoraStack, init_lora
 from fedrouter_jax.models.config import LlamaConfig
 from fedrouter_jax.tree_util import take_rows
@@ -47,7 +48,7 @@ from fedrouter_jax.training import step_settings
 class Env:
     """What every method function may read: the run's config and model shape. Static (hashable)."""
 
-    config: Any  # FedRouterConfig
+    config: FedRouterConfig  # the run's one config object (Run.cfg, RunData.cfg are this one)
     model_cfg: LlamaConfig
     n_clients: int
 
@@ -158,6 +159,10 @@ class Method:
     # (env, base, client_state, inputs) -> inputs with route_features set; None: not needed
     route_features: Callable = None
     description: str = ""
+    # (key, class) of the method's own config section, a `fedrouter_jax.config.section`
+    # dataclass read as `env.config.<key>` (YAML / --set: `<key>.field`); its optional
+    # `problems(cfg) -> [messages]` runs only when this method is the one chosen
+    config_section: tuple[str, type] | None = None
 
     def stream(self, env: Env, client, slot):
         if self.batch_stream is not None:
@@ -200,6 +205,12 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Makes `method` a `method:` choice (and its config section, if any, a config key)."""
+    key, cls = method.config_section or (None, None)
+    owners = [m.name for m in _REGISTRY.values() if m.name != method.name and m.config_section is not None
+              and m.config_section[0] == key and m.config_section[1] is not cls]
+    if owners:
+        raise ValueError(f"method {method.name!r}: config section {key!r} is already {owners[0]!r}'s")
     _REGISTRY[method.name] = method
     return method
 
@@ -216,6 +227,18 @@ def available() -> list[str]:
     from fedrouter_jax import algorithms  # noqa: F401
 
     return sorted(_REGISTRY)
+
+
+def config_sections() -> dict[str, type]:
+    """{key: section class} of the registered methods' own config sections, in registration
+    order (one entry for a section several methods share, like fedrouter / fedrouter_star)."""
+    from fedrouter_jax import algorithms  # noqa: F401
+
+    out: dict[str, type] = {}
+    for m in _REGISTRY.values():
+        if m.config_section is not None:
+            out.setdefault(*m.config_section)
+    return out
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -16,6 +16,7 @@ and evaluation as FedRouter. Shapes: C clients, P participants this round, K clu
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from fedrouter_jax.algorithms.base import Env, Method, RouteMessage, Routing, pool_all, register, rows, same_init
+from fedrouter_jax.config import section
 from fedrouter_jax.models import llama
 from fedrouter_jax.tree_util import segment_weighted_mean, weighted_mean
 
@@ -213,6 +215,24 @@ FEDSA = register(Method(
 # ----------------------------------------------------------------------------- FedCluster
 
 
+@section
+class FedClusterConfig:
+    """`fedcluster.*`: FedCluster's own config section."""
+
+    n_clusters: int = 4
+    cluster_round: int = 1  # round after which clients are clustered
+    similarity_on: Literal["b", "a", "ab"] = "b"  # LoRA factor(s) whose updates are compared (authors: B)
+    similarity_layers: Literal["all", "last"] = "all"  # "last" = the authors' last LoRA tensor only
+
+    def problems(self, cfg) -> list[str]:
+        n, rounds, e = cfg.data.n_clients, cfg.train.rounds, []
+        if not 1 <= self.n_clusters <= n:
+            e.append(f"fedcluster.n_clusters: expected in [1, data.n_clients={n}], got {self.n_clusters}")
+        if not 0 <= self.cluster_round <= rounds:
+            e.append(f"fedcluster.cluster_round: expected in [0, train.rounds={rounds}], got {self.cluster_round}")
+        return e
+
+
 def update_vectors(trained: dict, start: dict, on: str = "b", layers: str = "all") -> np.ndarray:
     """Flattened LoRA updates per client: leaves [C, L, ...] -> [C, P] float64.
 
@@ -348,7 +368,7 @@ FEDCLUSTER = register(Method(
     client_setup=_no_client_setup, client_pools=_pools_all, client_slots=_start_from_task,
     client_reply=_reply_as_is, client_route=_cluster_route,
     server_setup=_fedcluster_server_setup, server_plan=_fedcluster_plan, server_aggregate=_fedcluster_aggregate,
-    server_route=_fedcluster_route, jit_aggregate=False,
+    server_route=_fedcluster_route, jit_aggregate=False, config_section=("fedcluster", FedClusterConfig),
     description=("FedCluster: FedAvg until fedcluster.cluster_round, then Ward clustering of the clients' "
                  "update similarities, FedAvg within each cluster"),
 ))
@@ -364,6 +384,25 @@ FEDCLUSTER = register(Method(
 #   pre_issue16  this repository's first port: local trained as L + a sg(G); x served by
 #                (1 - s) G + s / (1 - a) L, s = clip(w sim(x), 0, w) from the base model's
 #                mean-pooled input embeddings; sample-weighted FedAvg.
+
+
+@section
+class FedDPAConfig:
+    """`feddpa.*`: FedDPA's own config section (the variants: the comment above)."""
+
+    variant: Literal["reference", "pre_issue16"] = "reference"
+    mixing: Literal["dynamic", "fixed"] = "dynamic"
+    fixed_weight: float = 0.5  # weight of the global adapter when mixing: fixed
+    train_weight: float = 0.5  # a: weight of the local adapter (reference) / of the frozen global one (pre_issue16) while training the local one
+    max_weight: float = 0.5  # dynamic: w, the weight = w * mean cosine similarity
+    instance_num: int = 5  # dynamic: local training samples compared per test sample (0 = all)
+
+    def problems(self, cfg) -> list[str]:
+        checks = (("fixed_weight", 0.0 <= self.fixed_weight <= 1.0, "in [0, 1]"),
+                  ("train_weight", 0.0 <= self.train_weight < 1.0, "in [0, 1)"),
+                  ("max_weight", 0.0 <= self.max_weight <= 1.0, "in [0, 1]"),
+                  ("instance_num", self.instance_num >= 0, ">= 0 (0 = all training samples)"))
+        return [f"feddpa.{name}: expected {want}, got {getattr(self, name)}" for name, ok, want in checks if not ok]
 
 
 def dynamic_weights(test_emb: np.ndarray, train_emb: np.ndarray, *, max_weight: float, instance_num: int,
@@ -546,7 +585,7 @@ FEDDPA = register(Method(
     server_setup=_feddpa_server_setup, server_plan=_feddpa_plan, server_aggregate=_feddpa_aggregate,
     server_route=_shared_route, route_features=_feddpa_route_features,
     # slot s of client c: stream s * C + c (global slots of all clients first, as before this split)
-    batch_stream=lambda env, client, slot: slot * env.n_clients + client,
+    batch_stream=lambda env, client, slot: slot * env.n_clients + client, config_section=("feddpa", FedDPAConfig),
     description=("FedDPA-T: global adapter by FedAvg + a local adapter trained on top of the frozen global one; "
                  "instance-wise dynamic weighting at test time (feddpa.variant)"),
 ))

@@ -29,6 +29,8 @@ Paper sections 3.1-3.3, with the choices the paper leaves open taken from the au
 """
 from __future__ import annotations
 
+from typing import Literal, Union
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +38,49 @@ from flax import struct
 
 from fedrouter_jax.algorithms.base import Env, Method, RouteMessage, Routing, register, rows
 from fedrouter_jax.clustering import batched_kmeans, choose_k, choose_k_batched, kmeans, nearest_centroid
+from fedrouter_jax.config import section
 from fedrouter_jax.tree_util import segment_weighted_mean
+
+
+@section
+class ClusterConfig:
+    """`clustering.*`: FedRouter's and FedRouter*'s own config section."""
+
+    n_local: Union[int, Literal["auto"]] = 4  # "auto" = silhouette over [k_min, k_max]
+    n_global: Union[int, Literal["auto"]] = 4
+    k_min: int = 2
+    k_max: int = 8
+    n_init: int = 10
+    max_iter: int = 300
+    tol: float = 1e-4
+    min_silhouette: float = 0.0  # best silhouette below this => a single cluster
+    schedule: Literal["global", "local_index"] = "global"
+
+    def problems(self, cfg) -> list[str]:
+        """Cross-field checks, run when the method is fedrouter or fedrouter_star."""
+        c, d, e = self, cfg.data, []
+        if c.k_min < 2:
+            e.append(f"clustering.k_min: expected >= 2 (silhouette needs 2+ clusters), got {c.k_min}")
+        if c.k_min > c.k_max:
+            e.append(f"clustering.k_min: expected <= clustering.k_max ({c.k_max}), got {c.k_min}")
+        for name in ("n_local", "n_global"):
+            v = getattr(c, name)
+            if v != "auto" and v < 1:
+                e.append(f"clustering.{name}: expected >= 1 or 'auto', got {v}")
+        local_max = c.n_local if c.n_local != "auto" else c.k_max
+        if local_max > d.train_per_client:
+            e.append(f"clustering.{'n_local' if c.n_local != 'auto' else 'k_max'}: expected <= "
+                     f"data.train_per_client ({d.train_per_client}) (k-means needs a sample per cluster), "
+                     f"got {local_max}")
+        if c.n_global != "auto" and c.n_global > d.n_clients * local_max:
+            e.append(f"clustering.n_global: expected <= the number of local centroids "
+                     f"(data.n_clients x local clusters = {d.n_clients * local_max}), got {c.n_global}")
+        for name, ok, want in (("n_init", c.n_init >= 1, ">= 1"), ("max_iter", c.max_iter >= 1, ">= 1"),
+                               ("tol", c.tol >= 0, ">= 0"), ("min_silhouette", -1.0 <= c.min_silhouette <= 1.0,
+                                                             "in [-1, 1]")):
+            if not ok:
+                e.append(f"clustering.{name}: expected {want}, got {getattr(c, name)}")
+        return e
 
 
 @struct.dataclass
@@ -241,6 +285,7 @@ def _method(name: str, every_cluster: bool, description: str) -> Method:
         client_reply=client_reply, client_route=client_route, server_setup=server_setup,
         server_plan=_plan(every_cluster), server_aggregate=server_aggregate, server_route=server_route,
         log_plan=lambda task: {"global_cluster": np.asarray(task.global_id).tolist()}, description=description,
+        config_section=("clustering", ClusterConfig),
     )
 
 
