@@ -21,7 +21,6 @@ from fedrouter_jax.models.layers import (SEQ_LENGTH_IMPLS, apply_rope, attention
                                          swiglu)
 from fedrouter_jax.models.layers import attention as dense_attention
 
-_LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
