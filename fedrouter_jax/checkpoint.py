@@ -6,10 +6,10 @@ uint32 PRNG keys, Python / numpy scalars, ``flax.struct`` dataclasses; saved wit
 resolved config; ``args.JsonSave``). Orbax refuses zero-size arrays.
 
 Layout of one step (Orbax writes it under a temporary name and renames it to ``<dir>/2/``
-when done, so a step is either complete or invisible; we add our manifest last)::
+when done, so Orbax's part of a step is complete or not there; we add our manifest last)::
 
     <dir>/2/
-      state/..., extra/..., Orbax's own files   whatever Orbax writes; not read directly here
+      state/..., extra/..., Orbax's own files   Orbax's; never parsed here, hashed like the rest
       fedrouter_complete.json     OURS, written last after every file above was fsync'ed:
                                   sha256 + size of every file of the step, sha256 of every
                                   state leaf (by its key path) and of the canonical extra JSON
