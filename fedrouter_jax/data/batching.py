@@ -83,14 +83,6 @@ class TokenizedSet:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
-    def take(self, idx) -> "TokenizedSet":
-        """Rows ``idx`` (int array [M]) as a new set (report counts refer to the parent)."""
-        idx = np.asarray(idx)
-        return dataclasses.replace(
-            self, tokens=self.tokens[idx], mask=self.mask[idx], loss_mask=self.loss_mask[idx],
-            lengths=self.lengths[idx], prompt_lengths=self.prompt_lengths[idx],
-        )
-
 
 def _special_ids(tokenizer) -> tuple[int, int, int]:
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
