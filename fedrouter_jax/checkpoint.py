@@ -5,11 +5,11 @@ uint32 PRNG keys, Python / numpy scalars, ``flax.struct`` dataclasses; saved wit
 ``args.StandardSave``) and ``extra`` (a JSON-able dict: metrics history, schedule position,
 resolved config; ``args.JsonSave``). Orbax refuses zero-size arrays.
 
-Layout of one step (Orbax writes ``<dir>/2.orbax-checkpoint-tmp*/`` and renames it to
-``<dir>/2/`` when done; we add our manifest last)::
+Layout of one step (Orbax writes it under a temporary name and renames it to ``<dir>/2/``
+when done, so Orbax's part of a step is complete or not there; we add our manifest last)::
 
     <dir>/2/
-      _CHECKPOINT_METADATA, commit_success.txt, state/..., extra/...   Orbax's files
+      state/..., extra/..., Orbax's own files   Orbax's; never parsed here, hashed like the rest
       fedrouter_complete.json     OURS, written last after every file above was fsync'ed:
                                   sha256 + size of every file of the step, sha256 of every
                                   state leaf (by its key path) and of the canonical extra JSON

@@ -87,7 +87,7 @@ def init_lora(
 
 
 def take(stack: LoraStack, index) -> LoraStack:
-    """Adapter(s) `index` of a stack: an int gives a single adapter, an array a smaller stack."""
+    """Adapter(s) `index` of a stack: an int gives a single adapter, a slice a smaller stack."""
     return jax.tree.map(lambda x: x[index], stack)
 
 

@@ -48,9 +48,3 @@ def rouge1(predictions: Sequence[str], references: Sequence[str], *,
         out[i] = scorer.score(r, p)["rouge1"].fmeasure
     return out
 
-
-def mean_rouge1(predictions: Sequence[str], references: Sequence[str], *,
-                use_stemmer: bool = False) -> float:
-    """Mean of :func:`rouge1` over samples (0.0 for no samples)."""
-    scores = rouge1(predictions, references, use_stemmer=use_stemmer)
-    return float(scores.mean()) if scores.size else 0.0

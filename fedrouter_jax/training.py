@@ -201,8 +201,8 @@ def local_steps(base, lora, opt_state, batches: Batch, key, *, cfg, optimizer, f
     keys = jax.random.split(key, batches.tokens.shape[0])
     # With the layers unrolled, RoPE's cos/sin for all S batches are computed here, before the
     # step loop: computed inside it, XLA fuses them into every consumer in the unrolled layers
-    # and recomputes the sines and cosines per head, layer and direction (about 0.3
-    # thread-seconds per step of the 34M model, BENCHMARKS.md §5). A loop input is a buffer.
+    # and recomputes the sines and cosines per head, layer and direction (docs/DESIGN.md).
+    # A loop input is a buffer, computed once.
     ropes = jax.vmap(lambda m: llama.rope_tables(m, cfg))(batches.mask) if llama.unroll_layers(layer_loop) else None
 
     def step(carry, xs):
@@ -280,8 +280,8 @@ def clients_local_steps(base, loras, opt_states, batches: Batch, keys, frozen=No
 
 
 # Tokens per vmapped group of clients under `client_chunk: auto`. On CPU about 2k tokens keep a
-# group's activations in cache (measured in BENCHMARKS.md: groups of 1k-2k tokens ran 1.15-1.6x
-# faster than all clients at once); accelerators want large groups, bounded by memory only.
+# group's activations in cache while its matmuls stay large (BENCHMARKS.md, clients in one call);
+# accelerators want large groups, bounded by memory only.
 AUTO_CHUNK_TOKENS_CPU = 2048
 AUTO_CHUNK_TOKENS_ACCELERATOR = 65536
 

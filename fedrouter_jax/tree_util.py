@@ -40,7 +40,3 @@ def take_rows(tree, index):
     """Leaves[index] along the leading axis (index: int array)."""
     return jax.tree.map(lambda x: x[index], tree)
 
-
-def all_finite(tree) -> jax.Array:
-    """True iff every leaf is free of NaN/Inf."""
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedrouter_jax.metrics import mean_rouge1, rouge1
+from fedrouter_jax.metrics import rouge1
 
 
 def test_known_pairs():
@@ -13,7 +13,6 @@ def test_known_pairs():
     # identical 1.0; disjoint 0.0; case-insensitive 1.0; empty 0.0;
     # overlap {a, b}: P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7
     np.testing.assert_allclose(got, [1.0, 0.0, 1.0, 0.0, 4 / 7], atol=1e-12)
-    assert mean_rouge1(preds, refs) == pytest.approx((2 + 4 / 7) / 5)
 
 
 def test_counts_repeated_words_by_clipping():
@@ -31,4 +30,3 @@ def test_length_mismatch_and_empty():
     with pytest.raises(ValueError):
         rouge1(["a"], ["a", "b"])
     assert rouge1([], []).shape == (0,)
-    assert mean_rouge1([], []) == 0.0

@@ -88,10 +88,6 @@ class ClientInputs:
     test_prompt_mask: Any = None
     route_features: Any = None
 
-    @property
-    def n_train(self) -> np.ndarray:
-        return np.asarray(self.train_mask).sum(axis=1)
-
 
 @struct.dataclass
 class Reply:

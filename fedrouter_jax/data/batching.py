@@ -83,14 +83,6 @@ class TokenizedSet:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
-    def take(self, idx) -> "TokenizedSet":
-        """Rows ``idx`` (int array [M]) as a new set (report counts refer to the parent)."""
-        idx = np.asarray(idx)
-        return dataclasses.replace(
-            self, tokens=self.tokens[idx], mask=self.mask[idx], loss_mask=self.loss_mask[idx],
-            lengths=self.lengths[idx], prompt_lengths=self.prompt_lengths[idx],
-        )
-
 
 def _special_ids(tokenizer) -> tuple[int, int, int]:
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -216,8 +208,7 @@ def encode_prompts(examples: Sequence[dict], tokenizer, max_len: int, *, warn: b
     return tokens, mask, report
 
 
-def encode_inputs(examples: Sequence[dict], tokenizer, max_len: int = 1024, *,
-                  add_bos: bool = True, pad_multiple: int = 16
+def encode_inputs(examples: Sequence[dict], tokenizer, max_len: int = 1024, *, pad_multiple: int = 16
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded raw task inputs (:func:`input_texts`) for mean-pooled embeddings.
 
@@ -232,7 +223,7 @@ def encode_inputs(examples: Sequence[dict], tokenizer, max_len: int = 1024, *,
     """
     bos, _, pad = _special_ids(tokenizer)
     ids = _encode(tokenizer, input_texts(examples))
-    ids = [([bos] if add_bos else []) + list(x) for x in ids]
+    ids = [[bos] + list(x) for x in ids]
     ids = [x[:max_len] for x in ids]
     longest = max((len(x) for x in ids), default=1)
     t = min(max_len, -(-longest // pad_multiple) * pad_multiple)

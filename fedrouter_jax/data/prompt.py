@@ -38,7 +38,6 @@ PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction} \n\n### Response:"
 )
 RESPONSE_SEPARATOR = " "
-RESPONSE_HEADER = "### Response:"
 
 
 def format_prompt(instruction: str, input: str) -> str:  # noqa: A002 - the Alpaca field name

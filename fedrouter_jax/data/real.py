@@ -348,8 +348,7 @@ def _load_file(path: Path, cache_dir):
 
 
 def load_real_task(task: str, data_dir: str | Path | None = None, *, split: str = "train",
-                   style: str = "authors", skip_invalid: bool = False,
-                   max_examples: int | None = None, allow_hub: bool = False,
+                   style: str = "authors", skip_invalid: bool = False, allow_hub: bool = False,
                    cache_dir: str | Path | None = None) -> tuple[list[dict], int]:
     """Load one real task as validated examples ``{task, instruction, input, output}``.
 
@@ -359,7 +358,6 @@ def load_real_task(task: str, data_dir: str | Path | None = None, *, split: str 
       split: which split's files to read when split-named files exist.
       style: "authors" (data-only prompts, default) or "instruct" (module doc).
       skip_invalid: skip and count bad rows instead of raising.
-      max_examples: keep the first N converted examples (the scenarios shuffle by seed).
       allow_hub: fall back to ``datasets.load_dataset(<hub id>)`` (internet or HF cache).
       cache_dir: ``datasets`` cache for the file loaders (default: the HF default).
 
@@ -406,9 +404,6 @@ def load_real_task(task: str, data_dir: str | Path | None = None, *, split: str 
             raise DataError(f"{name}: cannot be read: {_why(e)}") from None
         examples += ex
         skipped += k
-        if max_examples is not None and len(examples) >= max_examples:
-            examples = examples[:max_examples]
-            break
     return examples, skipped
 
 

@@ -2,8 +2,8 @@
 //
 // Why: on CPU, XLA runs attention as separate batched dots, a softmax over a materialised
 // [B, K, G, T, S] tensor and layout transposes between them. At T = 128 these small dots are
-// bound by memory writes, and attention took about a quarter of the training step for 5 % of
-// its FLOPs. This kernel keeps each (batch, kv head) unit's tiles in cache, applies the additive
+// bound by memory writes, and attention took a share of the training step far above its share
+// of the FLOPs (BENCHMARKS.md, attention). This kernel keeps each (batch, kv head) unit's tiles in cache, applies the additive
 // bias and the softmax in registers, and skips key tiles that the bias masks for every query
 // row of a micro block (the causal upper triangle, right padding).
 //

@@ -272,7 +272,6 @@ def export_peft(
     adapter: LoraStack,
     *,
     base_model_path: str = "",
-    extra_config: Optional[dict] = None,
 ) -> None:
     """Save one adapter (leaves `[L, d_in, R]`) as a PEFT LoRA (`adapter_config.json` +
     `adapter_model.safetensors`), loadable by `peft.PeftModel.from_pretrained`."""
@@ -294,7 +293,6 @@ def export_peft(
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model_path,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False,
     }
-    config.update(extra_config or {})
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 

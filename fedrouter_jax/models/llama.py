@@ -21,7 +21,6 @@ from fedrouter_jax.models.layers import (SEQ_LENGTH_IMPLS, apply_rope, attention
                                          swiglu)
 from fedrouter_jax.models.layers import attention as dense_attention
 
-_LAYER_KEYS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
@@ -156,9 +155,9 @@ def _merge_lora(h: jax.Array, w: jax.Array) -> bool:
 
     Merging replaces two token-sized, memory-bound passes per direction (the rank-R product's
     [tokens, d_out] output and its add) by a d_in x R x d_out product, and gives each adapter its
-    own weight, so clients vmapped together no longer share one weight operand. Measured
-    (BENCHMARKS.md): a gain at 4 x d_in tokens per adapter and step (34M model, B 16 x T 128),
-    a loss at 1 x d_in with 8 clients vmapped (tiny model, B 4 x T 64); hence the threshold.
+    own weight, so clients vmapped together no longer share one weight operand. It pays when an
+    adapter sees many tokens per input feature and loses when few tokens meet many vmapped
+    clients' weights; hence the threshold (docs/DESIGN.md).
     Only for float32 weights: in bf16 the sum `w + s a b` would round the small update away.
     """
     tokens = h.size // h.shape[-1]
@@ -226,8 +225,8 @@ def unroll_layers(layer_loop: str = "auto") -> bool:
     This pays when the layers are differentiated (training): autodiff of a scan stacks every
     layer's residuals into `[L, ...]` buffers, which XLA:CPU zero-fills each step, copies each
     residual into (`dynamic-update-slice`) and back out of in the backward pass
-    (`dynamic-slice`): memory-bound passes over every activation the backward needs (about 16 %
-    of a 128-client round with the embedded model, BENCHMARKS.md §1). Unrolled, each residual
+    (`dynamic-slice`): memory-bound passes over every activation the backward needs
+    (docs/DESIGN.md). Unrolled, each residual
     stays in the buffer that produced it. A forward-only pass stacks nothing, so inference keeps
     the scan (`transformer`'s default), and accelerators keep it too: there these copies are
     cheap next to the matmuls, and the program (compile time) stays one layer long.
