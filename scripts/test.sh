@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# one worker per core, each test file on one worker (its module fixtures are built once)
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile --durations=15 "$@"

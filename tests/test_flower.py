@@ -77,9 +77,9 @@ def assert_same_run(state, results, ref_state, ref_results, out, ref_out):
         np.testing.assert_allclose(a["loss_per_slot"], b["loss_per_slot"], atol=1e-5)
 
 
-# two methods in the default suite (one server-held adapter per cluster, one with client-held
-# adapters and blends); the other five with -m slow, to keep the default run short
-FAST = ("fedrouter", "feddpa")
+# FedRouter in the default suite (the deployment tests below run it too); the other six with
+# -m slow, to keep the default run short
+FAST = ("fedrouter",)
 
 
 @pytest.mark.parametrize("method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in available()])
