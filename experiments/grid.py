@@ -234,10 +234,14 @@ def _prune_new_defaults(current, stored, default):
 
 def same_config(stored: Optional[dict], cfg) -> bool:
     """Whether a finished cell's recorded config is `cfg`'s: equal, except for config keys added
-    since (at their default value), so that a new option does not rerun hours of finished cells."""
+    since (at their default value), so that a new option does not rerun hours of finished cells,
+    and for `out_dir` (where the run dir was changes no number: a cell run with --runs-dir
+    elsewhere, or on another machine, counts)."""
     if stored is None:
         return False
-    return _prune_new_defaults(config_to_dict(cfg), stored, config_to_dict(load_config(None))) == stored
+    stored = {k: v for k, v in stored.items() if k != "out_dir"}
+    current = {k: v for k, v in config_to_dict(cfg).items() if k != "out_dir"}
+    return _prune_new_defaults(current, stored, config_to_dict(load_config(None))) == stored
 
 
 def read_cells(path: Path) -> list[dict]:

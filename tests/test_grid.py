@@ -119,6 +119,8 @@ def test_a_new_config_key_at_its_default_keeps_finished_cells(tmp_path):
     assert grid_mod.same_config(changed, cell.cfg)
     changed["train"]["lr"] = 0.1  # a recorded value that differs is a different cell
     assert not grid_mod.same_config(changed, cell.cfg)
+    moved = dict(stored, out_dir="/elsewhere/runs/all/fedit/seed0")  # run with another --runs-dir
+    assert grid_mod.same_config(moved, cell.cfg)
 
 
 def test_generalization_from_single_equals_training_the_generalization_scenario(model_dir, tmp_path):
