@@ -236,7 +236,7 @@ def test_feddpa_dynamic_mixing_serves_as_the_run_evaluates(variant, data, tmp_pa
 
 def test_feddpa_dynamic_without_the_route_reference_is_exported_but_not_served(data, tmp_path, capsys):
     """A run directory from before route_reference.npz (or of another round) exports a rule that
-    says why it cannot serve and what writes the file; final evaluation's write then serves."""
+    says why it cannot serve and what writes the file; `fedrouter-jax eval` writes it, then it serves."""
     run = _dynamic(data, tmp_path / "run", "reference")
     bundle_dir, inputs = tmp_path / "bundle", _write_inputs(tmp_path / "in.jsonl", data.fed.test[0])
     predict_args = ["predict", "--bundle", str(bundle_dir), "--input", str(inputs), "--output",
@@ -253,11 +253,13 @@ def test_feddpa_dynamic_without_the_route_reference_is_exported_but_not_served(d
         assert main(predict_args) == 2
         err = capsys.readouterr().err
         assert "cannot serve from this bundle" in err and problem in err and len(err.strip().splitlines()) == 1
-    run.round = 1
-    assert run.write_route_reference(only_if_stale=True) is not None  # as final_evaluation does
+    (tmp_path / "run" / "route_reference.npz").unlink()  # an old run directory: `eval` writes the file
+    assert main(["eval", "--out-dir", str(tmp_path / "run")]) == 0
     assert main(["export", "--out-dir", str(tmp_path / "run"), "--dest", str(bundle_dir)]) == 0
     assert read_bundle(bundle_dir).router("local")["mixing"]["servable"]
-    assert len(_predict(bundle_dir, inputs, tmp_path / "out.jsonl", "--client", "0")) == 4
+    got = _predict(bundle_dir, inputs, tmp_path / "out.jsonl", "--client", "0")
+    np.testing.assert_allclose([r["self_weight"] for r in got], run.sim.eval_plan(run.state, "local").self_weight[0],
+                               rtol=0, atol=1e-6)
 
 
 def test_export_refuses_a_foreign_directory_and_replaces_a_bundle(exported, tmp_path, capsys):
