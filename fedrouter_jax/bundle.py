@@ -30,10 +30,22 @@ right), pad_multiple, batch_size, pooling}, `generation` {max_new_tokens, batch_
      "adapter_of_centroid": [C][K] (-1: no centroid)}    the same over client c's own centroids
     {"rule": "blend", "adapter": g, "mix_adapter_of_client": [C], "mixing": {...}}
         update = self_weight * dW(g) + mix_weight * dW(own adapter of c)   (FedDPA)
+        mixing {"kind": "fixed", "self_weight", "mix_weight"}, or {"kind": "dynamic", "variant",
+        "max_weight", "instance_num", "train_weight", "seed", "servable", and when servable
+        "features": NAME [C, N, D] (client c's training features in its first train_count[c]
+        rows), "train_count": [C], "input_features", "draws"; else "why"}: per input x of client
+        c, `algorithms.baselines.dynamic_blend` of x's feature (reference: its prompt's
+        last-token state under base + c's local adapter; pre_issue16: its embedding e) and
+        c's rows, the draws from `draw_rng(seed, c)`
 
 plus `needs_client` and `embeds` (whether the rule reads the input's embedding). e is the
 padding-aware mean of the base model's final-normed last hidden state over BOS + the tokens of
 the input field (no L2 normalisation), as `embeddings.embed_tokens`.
+
+FedDPA's dynamic features come from the run directory's `route_reference.npz` (written by
+the run after its last round, `runner.Run.write_route_reference`; `save_route_reference`), not
+from the checkpoint. They are features of every client's TRAINING data: a bundle holds all
+clients' rows, so one given to a client's server should be that client's own.
 
 Export reads the checkpoint only (no dataset, no embeddings, no base weights beyond the
 fingerprint's samples): the state is restored from the checkpoint's own metadata, which gives
@@ -61,6 +73,8 @@ ARRAYS_FILE = "router.safetensors"
 ADAPTERS_DIR = "adapters"
 FORMAT, VERSION = "fedrouter-jax-bundle", 1
 POOLING = "mean over real tokens of the base model's final-normed last hidden state; no L2 normalisation"
+ROUTE_REFERENCE_FILE = "route_reference.npz"  # in the run directory (rundir.RUN_ENTRIES)
+FEDDPA_FEATURES = "feddpa_train_features"  # its array in router.safetensors
 
 
 class BundleError(ValueError):
@@ -119,10 +133,74 @@ def read_bundle(directory: str | Path) -> Bundle:
     arrays_path = directory / ARRAYS_FILE
     arrays = load_file(str(arrays_path)) if arrays_path.exists() else {}
     for mode, rule in meta["routers"].items():
-        name = rule.get("centroids")
-        if name is not None and name not in arrays:
-            raise BundleError(f"{arrays_path}: routers.{mode}.centroids names {name!r}, which is not in the file")
+        named = (("centroids", rule.get("centroids")), ("mixing.features", rule.get("mixing", {}).get("features")))
+        for key, name in named:
+            if name is not None and name not in arrays:
+                raise BundleError(f"{arrays_path}: routers.{mode}.{key} names {name!r}, which is not in the file")
     return Bundle(directory, meta, arrays)
+
+
+# ----------------------------------------------------------------------------- route reference (run dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteReference:
+    """A run directory's route reference for the exported step: arrays (the method's
+    `route_reference` output) and meta, or problem (why it cannot be used) with arrays None."""
+
+    path: Path
+    arrays: Optional[dict] = None
+    meta: Optional[dict] = None
+    problem: Optional[str] = None
+
+
+def save_route_reference(out_dir: str | Path, arrays: dict, meta: dict) -> Path:
+    """Write OUT_DIR/route_reference.npz atomically (temporary sibling, fsync, os.replace)."""
+    path = Path(out_dir) / ROUTE_REFERENCE_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in arrays.items()})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_route_reference(out_dir: str | Path) -> Optional[tuple[dict, dict]]:
+    """(arrays, meta) of OUT_DIR/route_reference.npz, or None when there is none."""
+    path = Path(out_dir) / ROUTE_REFERENCE_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k != "__meta__"}, json.loads(str(z["__meta__"]))
+
+
+def route_reference_meta(cfg, method, round_: int) -> dict:
+    """What a route reference is checked against at export: method, round, seed, and the
+    method's own config section (the features depend on them)."""
+    from fedrouter_jax.config import config_to_dict
+
+    section = method.config_section[0] if method.config_section else None
+    full = config_to_dict(cfg)
+    return {"method": cfg.method, "round": int(round_), "seed": int(cfg.seed), "n_clients": int(cfg.data.n_clients),
+            "section": None if section is None else {section: full.get(section)}}
+
+
+def _route_reference(out_dir: Path, cfg, method, step: int) -> RouteReference:
+    path = out_dir / ROUTE_REFERENCE_FILE
+    again = (f"`fedrouter-jax eval --out-dir {out_dir}` writes it for the latest checkpoint (as the run does "
+             "after its last round); then export again")
+    loaded = load_route_reference(out_dir)
+    if loaded is None:
+        return RouteReference(path, problem=f"{path} is missing (a run from before this file, or one that "
+                                            f"stopped before its last round): {again}")
+    arrays, meta = loaded
+    want = json.loads(json.dumps(route_reference_meta(cfg, method, step)))  # as stored (tuples -> lists)
+    diff = sorted(k for k in want if meta.get(k) != want[k])
+    if diff:
+        got = ", ".join(f"{k} {meta.get(k)!r} (checkpoint: {want[k]!r})" for k in diff)
+        return RouteReference(path, meta=meta, problem=f"{path} is of another state: {got}; {again}")
+    return RouteReference(path, arrays=arrays, meta=meta)
 
 
 # ----------------------------------------------------------------------------- routers per method
@@ -148,12 +226,12 @@ def _fixed_or_per_client(ids: list) -> dict:
     return {"rule": "per_client", "adapter_of_client": ids, "needs_client": True, "embeds": False}
 
 
-def _input_blind_routers(env, state, plans: dict) -> tuple[dict, dict]:
+def _input_blind_routers(env, state, plans: dict, reference=None) -> tuple[dict, dict]:
     """FedIT, Local, FedSA, FedCluster: a client's inputs all go to one adapter in both modes."""
     return {mode: _fixed_or_per_client([ids[0] for ids in plan.adapter_ids]) for mode, plan in plans.items()}, {}
 
 
-def _centroid_routers(env, state, plans: dict) -> tuple[dict, dict]:
+def _centroid_routers(env, state, plans: dict, reference=None) -> tuple[dict, dict]:
     """FedRouter(*): local = nearest of the client's own centroids, then that centroid's global
     adapter; global = nearest global centroid (fedrouter.client_route). Adapter g = cluster g."""
     clients = state.clients
@@ -171,12 +249,13 @@ def _centroid_routers(env, state, plans: dict) -> tuple[dict, dict]:
     return routers, arrays
 
 
-def _blend_routers(env, state, plans: dict) -> tuple[dict, dict]:
+def _blend_routers(env, state, plans: dict, reference: Optional[RouteReference] = None) -> tuple[dict, dict]:
     """FedDPA: per input self_weight * dW(global) + mix_weight * dW(the client's local adapter).
     Fixed mixing: the weights are the method's own (read from its client_route, so both
     `feddpa.variant`s). Dynamic mixing weighs each input by its similarity to the client's
-    training samples, which the checkpoint does not hold: the rule is recorded (kind, variant,
-    max_weight, instance_num, train_weight) but cannot serve, and predict says so."""
+    training samples: their features come from the run's route reference (`reference`) and go
+    into router.safetensors; without a usable one the rule is recorded with servable false and
+    why, and predict says so."""
     dc = env.config.feddpa
     plan = plans["local"]
     first = lambda per_client: [x[0].item() for x in per_client]  # noqa: E731  (one probe row per client)
@@ -186,16 +265,36 @@ def _blend_routers(env, state, plans: dict) -> tuple[dict, dict]:
             raise BundleError(f"method feddpa: client_route gave per-client global adapters / weights "
                               f"{sorted(glob)} / {sorted(self_w)} / {sorted(mix_w)}; the blend rule expects one each")
         mixing = {"kind": "fixed", "self_weight": float(self_w.pop()), "mix_weight": float(mix_w.pop())}
-    else:
-        features = ("last-token states under base + its local adapter" if dc.variant == "reference"
-                    else "base-model embeddings")
+    arrays = {}
+    if dc.mixing != "fixed":
+        ref = dc.variant == "reference"
+        features = ("last-token states under base + its local adapter" if ref else "base-model embeddings")
         mixing = {"kind": dc.mixing, "variant": dc.variant, "max_weight": float(dc.max_weight),
-                  "instance_num": int(dc.instance_num), "train_weight": float(dc.train_weight), "servable": False,
-                  "why": f"an input's weight compares it with the {features} of the client's training "
-                         "samples, which the checkpoint does not hold"}
+                  "instance_num": int(dc.instance_num), "train_weight": float(dc.train_weight),
+                  "seed": int(env.config.seed)}
+        problem = "no route reference" if reference is None else reference.problem
+        if problem is None:
+            feats, count = np.asarray(reference.arrays["train_features"]), np.asarray(reference.arrays["train_count"])
+            if feats.shape[0] != env.n_clients or count.shape != (env.n_clients,):
+                raise BundleError(f"{reference.path}: train_features {feats.shape} / train_count {count.shape}, "
+                                  f"expected {env.n_clients} clients")
+            arrays[FEDDPA_FEATURES] = feats
+            mixing.update(
+                servable=True, features=FEDDPA_FEATURES, train_count=count.astype(int).tolist(),
+                features_are=f"client c's training samples' {features} (rows [:train_count[c]])",
+                input_features=("the last-token state of the input's prompt (`prompt`, left-padded to "
+                                "max_prompt_tokens) under base + the client's mix adapter" if ref else
+                                "the input's embedding (`embedding`)"),
+                draws="instance_draws(train_count[c], n_inputs, instance_num, numpy default_rng([seed, 7, c]))")
+        else:
+            mixing.update(servable=False, why=f"an input's weight compares it with the {features} of the client's "
+                                              f"training samples, which the checkpoint does not hold; {problem}")
+        embeds = problem is None and not ref
+    else:
+        embeds = False
     rule = {"rule": "blend", "adapter": int(min(glob)), "mix_adapter_of_client": first(plan.mix_ids),
-            "mixing": mixing, "needs_client": True, "embeds": False}
-    return {"local": rule, "global": dict(rule)}, {}
+            "mixing": mixing, "needs_client": True, "embeds": embeds}
+    return {"local": rule, "global": dict(rule)}, arrays
 
 
 ROUTERS: dict[str, Callable] = {
@@ -207,7 +306,8 @@ ROUTERS: dict[str, Callable] = {
 
 
 def register_router(method: str, fn: Callable) -> None:
-    """`fn(env, state, plans {mode: probe EvalPlan}) -> (routers {mode: rule}, arrays)` for a method."""
+    """`fn(env, state, plans {mode: probe EvalPlan}, reference) -> (routers {mode: rule}, arrays)` for a
+    method; reference: the run's `RouteReference` (or None) for a method with `route_reference`."""
     ROUTERS[method] = fn
 
 
@@ -267,7 +367,8 @@ def export_run(out_dir: str | Path, dest: str | Path, *, step: Optional[int] = N
     # the method's own route functions, on inputs that carry no data: they give the adapters
     plans = {mode: eval_plan(dataclasses.replace(method, route_features=None), env, state, probe, mode)
              for mode in ("local", "global")}
-    routers, arrays = ROUTERS[cfg.method](env, state, plans)
+    reference = None if method.route_reference is None else _route_reference(out_dir, cfg, method, step)
+    routers, arrays = ROUTERS[cfg.method](env, state, plans, reference)
     stack, owners = plans["local"].adapters, _owners(env, state, plans["local"])
     tok_files = [p for p in (model_dir / "tokenizer.json",) if p.exists()]
     meta = {

@@ -8,7 +8,10 @@ Each input line is a JSON object with string fields `instruction` and `input`; e
 training (`embeddings.embed_tokens` over `data.encode_inputs`), routed by the bundle's rule
 (bundle.py), and generated in mixed-adapter batches (`routing.generate_routed`, "mixed": each
 row gathers its own adapter in one jitted call) from the prompts `data.encode_prompts` builds.
-Only the adapters the inputs use are loaded.
+Only the adapters the inputs use are loaded. FedDPA's dynamic blend weighs each input by
+`baselines.dynamic_blend` of its feature (reference: the last-token state of its prompt under
+base + the client's local adapter, `baselines.last_token_states`; pre_issue16: its embedding)
+against the client's training features the bundle carries, drawn as the evaluator draws them.
 """
 from __future__ import annotations
 
@@ -74,13 +77,28 @@ def check_router(bundle: Bundle, mode: str, client: Optional[int]) -> dict:
     mixing = rule.get("mixing", {})
     if not mixing.get("servable", True):
         raise BundleError(f"{bundle.directory}/bundle.json: routers.{mode}.mixing: {bundle.method} with mixing "
-                          f"{mixing['kind']!r} cannot serve from a bundle ({mixing['why']}); "
-                          "a run with feddpa.mixing=fixed can")
+                          f"{mixing['kind']!r} cannot serve from this bundle ({mixing['why']})")
     return rule
 
 
-def route(bundle: Bundle, rule: dict, emb: Optional[np.ndarray], n: int, client: Optional[int]) -> Routes:
-    """Bundle adapter ids for n inputs with embeddings emb [n, D] (None when the rule ignores them)."""
+def blend_features(bundle: Bundle, rule: dict, base, model_cfg, prompts, emb, client: int) -> Optional[np.ndarray]:
+    """The inputs' features a dynamic blend compares with the client's training features
+    (bundle.json mixing.input_features) [n, D], or None for any other rule."""
+    mixing = rule.get("mixing", {})
+    if rule["rule"] != "blend" or mixing.get("kind") != "dynamic":
+        return None
+    if mixing["variant"] != "reference":
+        return emb
+    from fedrouter_jax.algorithms.baselines import last_token_states
+
+    local = bundle.load_adapters([rule["mix_adapter_of_client"][client]])
+    return last_token_states(base, model_cfg, local, prompts[0], prompts[1], bundle.meta["generation"]["batch_size"])
+
+
+def route(bundle: Bundle, rule: dict, emb: Optional[np.ndarray], n: int, client: Optional[int],
+          features: Optional[np.ndarray] = None) -> Routes:
+    """Bundle adapter ids for n inputs with embeddings emb [n, D] (None when the rule ignores them);
+    features [n, D]: `blend_features` (a dynamic blend only)."""
     from fedrouter_jax.clustering import nearest_centroid
 
     kind = rule["rule"]
@@ -98,9 +116,17 @@ def route(bundle: Bundle, rule: dict, emb: Optional[np.ndarray], n: int, client:
     if kind == "blend":
         mixing = rule["mixing"]
         full = lambda v, dtype: np.full(n, v, dtype)  # noqa: E731
+        if mixing["kind"] == "fixed":
+            self_w, mix_w = full(mixing["self_weight"], np.float32), full(mixing["mix_weight"], np.float32)
+        else:
+            from fedrouter_jax.algorithms.baselines import draw_rng, dynamic_blend
+
+            train = bundle.arrays[mixing["features"]][client][: int(mixing["train_count"][client])]
+            self_w, mix_w = dynamic_blend(mixing["variant"], features, train, max_weight=mixing["max_weight"],
+                                          instance_num=mixing["instance_num"], train_weight=mixing["train_weight"],
+                                          rng=draw_rng(mixing["seed"], client))
         return Routes(full(rule["adapter"], np.int32), mix_ids=full(rule["mix_adapter_of_client"][client], np.int32),
-                      mix_weight=full(mixing["mix_weight"], np.float32),
-                      self_weight=full(mixing["self_weight"], np.float32))
+                      mix_weight=mix_w, self_weight=self_w)
     raise BundleError(f"{bundle.directory}/bundle.json: unknown router rule {kind!r}")
 
 
@@ -162,10 +188,11 @@ def predict(bundle: Bundle, examples: list[dict], *, client: Optional[int] = Non
         e = bundle.meta["embedding"]
         tokens, mask = encode_inputs(examples, tok, e["max_tokens"], pad_multiple=e["pad_multiple"])
         emb = embed_tokens(base, model_cfg, tokens, mask, batch_size=e["batch_size"])
-    routes = route(bundle, rule, emb, len(examples), client)
+    prompts = encode_prompts(examples, tok, bundle.meta["prompt"]["max_prompt_tokens"], warn=False)[:2]
+    features = blend_features(bundle, rule, base, model_cfg, prompts, emb, client)
+    routes = route(bundle, rule, emb, len(examples), client, features)
     gen = bundle.meta["generation"]
     n_new = int(max_new_tokens or gen["max_new_tokens"])
-    prompts = encode_prompts(examples, tok, bundle.meta["prompt"]["max_prompt_tokens"], warn=False)[:2]
     out = generate_routed(base, model_cfg, eval_plan_for(bundle, routes), [prompts], batching="mixed",
                           batch_size=gen["batch_size"], max_new_tokens=n_new, eos_ids=(tok.eos_token_id,),
                           pad_id=tok.pad_token_id)[0]

@@ -32,9 +32,10 @@ LOCK_FILE = ".fedrouter.lock"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 RUN_ENTRIES = (CONFIG_FILE, "metrics.jsonl", "results.json", CHECKPOINT_DIR, LOCK_FILE,
-               "flower")  # `fedrouter-jax flower`: its app, FLWR_HOME, PID files and logs
+               "flower",  # `fedrouter-jax flower`: its app, FLWR_HOME, PID files and logs
+               "route_reference.npz")  # bundle.ROUTE_REFERENCE_FILE (FedDPA dynamic mixing)
 RUN_TEMP_PATTERNS = (".config.yaml.tmp*", "metrics.tmp", ".metrics.jsonl.tmp*", ".results.json.tmp*",
-                     "results.json.tmp*")
+                     "results.json.tmp*", ".route_reference.npz.tmp*")
 # Dotted config keys (or sections) the saved state's shapes and meaning depend on: a resume
 # whose config differs in one of these is refused.
 STATE_KEYS = ("method", "seed", "model.path", "model.dtype", "lora.rank", "lora.targets", "data",

@@ -242,6 +242,7 @@ class Run:
         self.sim = Simulator(self.method, self.env, self.data.base, self.data.inputs, self.data.train_sets,
                              mesh_devices=cfg.train.client_mesh_devices)
         self.state: Optional[SimState] = None
+        self.round: Optional[int] = None  # the round `state` is of (run / restore set it)
 
     @property
     def cfg(self) -> FedRouterConfig:
@@ -256,6 +257,7 @@ class Run:
         """(state, history, round) of a checkpoint (default: the latest that verifies), restored
         into the structure of `initial_state` (setup is deterministic, so it rebuilds the shapes)."""
         state, extra = store.restore(step, like=self.initial_state())
+        self.round = store.restored_step
         return state, extra["history"], store.restored_step
 
     def run(self, *, stop_after_round: Optional[int] = None) -> dict:
@@ -307,6 +309,9 @@ class Run:
             last = r + 1 == rounds
             if primary and cfg.checkpoint.every and ((r + 1) % cfg.checkpoint.every == 0 or last):
                 store.save(r + 1, state, {"history": history, "config": config_to_dict(cfg)})
+            self.state, self.round = state, r + 1
+            if last:  # what the router compares new inputs with (export bundle), of the final state
+                self.write_route_reference()
             if bar:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
                 bar.update(1)
@@ -317,11 +322,36 @@ class Run:
         if scalars:
             scalars.close()
         self.state = state
+        if self.round is None:
+            self.round = start
         return {"state": state, "history": history}
 
+    def write_route_reference(self, *, only_if_stale: bool = False) -> Optional[Path]:
+        """out_dir/route_reference.npz: the method's `route_reference` of `self.state` (round
+        `self.round`): what its router compares a new input with, from each client's own
+        training data (FedDPA's dynamic mixing), for `export`. Primary only; None when the
+        method needs none. only_if_stale: keep a file already of this state (final_evaluation)."""
+        from fedrouter_jax.bundle import load_route_reference, route_reference_meta, save_route_reference
+
+        if self.method.route_reference is None or not is_primary() or self.state is None or self.round is None:
+            return None
+        meta = json.loads(json.dumps(route_reference_meta(self.cfg, self.method, self.round)))
+        if only_if_stale:
+            old = load_route_reference(self.out)
+            if old is not None and {k: old[1].get(k) for k in meta} == meta:
+                return self.out / "route_reference.npz"
+        arrays = self.method.route_reference(self.env, self.data.base, self.state.clients, self.data.inputs)
+        if arrays is None:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        return save_route_reference(self.out, arrays, meta)
+
     def final_evaluation(self) -> dict:
-        """Score the trained method (configured router + extra modes) and, optionally, the base."""
+        """Score the trained method (configured router + extra modes) and, optionally, the base.
+        Also writes the route reference when it is missing or of another state (a run directory
+        from before it existed: `fedrouter-jax eval` then gives `export` what it needs)."""
         cfg, data = self.cfg, self.data
+        self.write_route_reference(only_if_stale=True)
         results = {"method": cfg.method, "scenario": cfg.data.scenario, "seed": cfg.seed}
         modes = [cfg.eval.router] + [m for m in cfg.eval.router_modes if m != cfg.eval.router]
         for mode in modes:

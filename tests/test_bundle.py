@@ -193,16 +193,73 @@ def test_readme_hf_peft_snippet_equals_predict(exported, tmp_path, mode, client)
     assert scope["predictions"] == [r["prediction"] for r in expected]
 
 
-def test_feddpa_dynamic_mixing_is_exported_but_not_served(data, tmp_path, capsys):
-    _checkpointed("feddpa", data, tmp_path / "run", **{"feddpa.mixing": "dynamic"})
+def _dynamic(data, out: Path, variant: str) -> Run:
+    return _checkpointed("feddpa", data, out, **{"feddpa.mixing": "dynamic", "feddpa.variant": variant})
+
+
+@pytest.mark.parametrize("variant", ["reference", "pre_issue16"])
+def test_feddpa_dynamic_mixing_serves_as_the_run_evaluates(variant, data, tmp_path):
+    """The run's route reference (written as after its last round) goes into the bundle; predict
+    on client CLIENT's own test inputs gives the per-input weights and greedy tokens of the
+    simulator's routed evaluation of that client, in both modes."""
+    run = _dynamic(data, tmp_path / "run", variant)
+    run.round = 1  # the checkpointed state's round (Run.run sets it)
+    assert run.write_route_reference() == tmp_path / "run" / "route_reference.npz"
     assert main(["export", "--out-dir", str(tmp_path / "run"), "--dest", str(tmp_path / "bundle")]) == 0
-    rule = read_bundle(tmp_path / "bundle").router("local")
-    assert rule["rule"] == "blend" and rule["mixing"]["kind"] == "dynamic" and not rule["mixing"]["servable"]
-    assert rule["mix_adapter_of_client"] == [1, 2, 3, 4]  # [global | local of client 0 | ...]
-    inputs = _write_inputs(tmp_path / "in.jsonl", data.fed.test[0])
-    assert main(["predict", "--bundle", str(tmp_path / "bundle"), "--input", str(inputs), "--output",
-                 str(tmp_path / "out.jsonl"), "--client", "0"]) == 2
-    assert "cannot serve from a bundle" in capsys.readouterr().err
+    bundle = read_bundle(tmp_path / "bundle")
+    mixing = bundle.router("local")["mixing"]
+    assert mixing["servable"] and mixing["kind"] == "dynamic" and mixing["variant"] == variant
+    assert (mixing["instance_num"], mixing["seed"]) == (5, run.cfg.seed)
+    assert bundle.router("global") == bundle.router("local")  # FedDPA's global mode blends as its local one
+    n_train = np.asarray(data.inputs.train_mask).sum(axis=1).tolist()
+    feats = bundle.arrays[mixing["features"]]
+    assert mixing["train_count"] == n_train and feats.shape == (4, max(n_train), run.data.model_cfg.hidden_size)
+    if variant == "pre_issue16":  # the base embeddings of the client's training inputs
+        np.testing.assert_array_equal(feats[CLIENT, : n_train[CLIENT]], data.train_emb[CLIENT])
+    else:  # last-token states under base + the client's local adapter: not the base embeddings
+        assert np.abs(feats[CLIENT, : n_train[CLIENT]] - data.train_emb[CLIENT]).max() > 0.1
+    inputs = _write_inputs(tmp_path / "in.jsonl", data.fed.test[CLIENT])
+    for mode in ("local", "global"):
+        plan, gens = _simulated(run, mode)
+        got = _predict(tmp_path / "bundle", inputs, tmp_path / f"{mode}.jsonl", "--client", str(CLIENT),
+                       "--router", mode)
+        np.testing.assert_array_equal([r["adapter"] for r in got], plan.adapter_ids[CLIENT])
+        np.testing.assert_array_equal([r["mix_adapter"] for r in got], plan.mix_ids[CLIENT])
+        np.testing.assert_allclose([r["self_weight"] for r in got], plan.self_weight[CLIENT], rtol=0, atol=1e-6)
+        np.testing.assert_allclose([r["mix_weight"] for r in got], plan.mix_weight[CLIENT], rtol=0, atol=1e-6)
+        assert [r["tokens"] for r in got] == [g.tolist() for g in gens[CLIENT]], mode
+    # per input, not one weight for all; max_weight * sim(x) (reference: on the global adapter,
+    # pre_issue16: alpha(x) on the local one, self_weight = 1 - alpha)
+    w = np.asarray(plan.self_weight[CLIENT]) if variant == "reference" else 1.0 - np.asarray(plan.self_weight[CLIENT])
+    assert len(np.unique(np.round(w, 5))) == len(w) and np.all(np.abs(w) <= mixing["max_weight"] + 1e-6), w
+
+
+def test_feddpa_dynamic_without_the_route_reference_is_exported_but_not_served(data, tmp_path, capsys):
+    """A run directory from before route_reference.npz (or of another round) exports a rule that
+    says why it cannot serve and what writes the file; `fedrouter-jax eval` writes it, then it serves."""
+    run = _dynamic(data, tmp_path / "run", "reference")
+    bundle_dir, inputs = tmp_path / "bundle", _write_inputs(tmp_path / "in.jsonl", data.fed.test[0])
+    predict_args = ["predict", "--bundle", str(bundle_dir), "--input", str(inputs), "--output",
+                    str(tmp_path / "out.jsonl"), "--client", "0"]
+    for problem in ("route_reference.npz is missing", "is of another state: round 2 (checkpoint: 1)"):
+        if "round 2" in problem:
+            run.round = 2
+            run.write_route_reference()
+        assert main(["export", "--out-dir", str(tmp_path / "run"), "--dest", str(bundle_dir)]) == 0
+        rule = read_bundle(bundle_dir).router("local")
+        assert rule["rule"] == "blend" and rule["mixing"]["kind"] == "dynamic" and not rule["mixing"]["servable"]
+        assert rule["mix_adapter_of_client"] == [1, 2, 3, 4]  # [global | local of client 0 | ...]
+        assert problem in rule["mixing"]["why"] and "fedrouter-jax eval --out-dir" in rule["mixing"]["why"]
+        assert main(predict_args) == 2
+        err = capsys.readouterr().err
+        assert "cannot serve from this bundle" in err and problem in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "run" / "route_reference.npz").unlink()  # an old run directory: `eval` writes the file
+    assert main(["eval", "--out-dir", str(tmp_path / "run")]) == 0
+    assert main(["export", "--out-dir", str(tmp_path / "run"), "--dest", str(bundle_dir)]) == 0
+    assert read_bundle(bundle_dir).router("local")["mixing"]["servable"]
+    got = _predict(bundle_dir, inputs, tmp_path / "out.jsonl", "--client", "0")
+    np.testing.assert_allclose([r["self_weight"] for r in got], run.sim.eval_plan(run.state, "local").self_weight[0],
+                               rtol=0, atol=1e-6)
 
 
 def test_export_refuses_a_foreign_directory_and_replaces_a_bundle(exported, tmp_path, capsys):
@@ -249,3 +306,19 @@ def test_export_of_a_trained_run(data, tmp_path):
     inputs = _write_inputs(tmp_path / "in.jsonl", data.fed.test[0])
     got = _predict(tmp_path / "bundle", inputs, tmp_path / "out.jsonl", "--client", "0")
     np.testing.assert_array_equal([r["adapter"] for r in got], run.sim.eval_plan(run.state, "local").adapter_ids[0])
+
+
+@pytest.mark.slow  # a trained round (~70 s on loaded cores); the fast test above writes the file as the run does
+def test_feddpa_dynamic_export_of_a_trained_run(data, tmp_path):
+    """A FedDPA round through the runner writes route_reference.npz after its last round; the
+    bundle then serves the run's own per-input weights."""
+    cfg = load_config(None, smoke_overrides(data.cfg.model.path, tmp_path / "run", **{
+        **EXTRA, "method": "feddpa", "feddpa.mixing": "dynamic", "train.rounds": 1}))
+    run = Run(cfg, data=dataclasses.replace(data, cfg=cfg), progress=False)
+    run.run()
+    assert (tmp_path / "run" / "route_reference.npz").is_file()
+    assert main(["export", "--out-dir", str(tmp_path / "run"), "--dest", str(tmp_path / "bundle")]) == 0
+    inputs = _write_inputs(tmp_path / "in.jsonl", data.fed.test[CLIENT])
+    got = _predict(tmp_path / "bundle", inputs, tmp_path / "out.jsonl", "--client", str(CLIENT))
+    plan = run.sim.eval_plan(run.state, "local")
+    np.testing.assert_allclose([r["self_weight"] for r in got], plan.self_weight[CLIENT], rtol=0, atol=1e-6)

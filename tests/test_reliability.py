@@ -225,7 +225,7 @@ def test_defect1_fresh_refuses_a_directory_that_is_not_a_run(model_dir, tmp_path
 def test_fresh_removes_only_the_files_of_a_run(tmp_path):
     run = tmp_path / "r"
     (run / "checkpoints" / "3").mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl", "results.json"):
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "route_reference.npz"):
         (run / name).write_text("x")
     with RunDir(run, fresh=True):
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]

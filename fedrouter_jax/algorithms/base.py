@@ -10,6 +10,9 @@ calls it once for all clients and a deployment calls it with a stack of one; row
   client_route(env, client_state, route_msg, inputs, mode) -> Routing   (which adapter serves each test sample)
   route_features(env, base, client_state, inputs) -> inputs   (optional, before client_route: features of
                                               the client's own prompts computed with its own model; FedDPA)
+  route_reference(env, base, client_state, inputs) -> {name: [C, ...]}   (optional: what client_route
+                                              compares a new input with, from the client's training data;
+                                              kept by the run for the export bundle; FedDPA dynamic)
 
 Server side:
 
@@ -74,7 +77,7 @@ class ClientInputs:
     raw task inputs. Optional (None unless the runner gives them): train_prompt [C, N, T] int32 /
     train_prompt_mask [C, N, T] bool and test_prompt / test_prompt_mask [C, M, T'] the left-padded
     generation prompts (BOS + prompt, no response) of the same samples; route_features: what a
-    method's `route_features` computed from them for `client_route` (FedDPA: [C, N + M, D]).
+    method's `route_features` computed from them for `client_route` (FedDPA: sim(x) [C, M]).
     """
 
     client_id: Any
@@ -154,6 +157,11 @@ class Method:
     log_plan: Callable = None  # msg -> JSON-able dict for metrics.jsonl (optional)
     # (env, base, client_state, inputs) -> inputs with route_features set; None: not needed
     route_features: Callable = None
+    # (env, base, client_state, inputs) -> {name: array [C, ...]} or None: what the router compares
+    # a NEW input with, from each client's own training data (FedDPA's dynamic mixing). The run
+    # writes it after its last round (runner.Run.write_route_reference) and `export` copies it
+    # into the bundle, so `predict` can route as `client_route` does; None: nothing needed
+    route_reference: Callable = None
     description: str = ""
     # (key, class) of the method's own config section, a `fedrouter_jax.config.section`
     # dataclass read as `env.config.<key>` (YAML / --set: `<key>.field`); its optional

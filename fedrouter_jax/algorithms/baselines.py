@@ -432,6 +432,44 @@ def instance_draws(n_train: int, n_test: int, instance_num: int, rng: np.random.
     return np.stack([rng.choice(n_train, size=instance_num, replace=False) for _ in range(n_test)]).reshape(n_test, -1)
 
 
+def draw_rng(seed: int, client_id: int) -> np.random.Generator:
+    """The generator of client `client_id`'s draws S(x) (evaluation and `predict` alike)."""
+    return np.random.default_rng([int(seed), 7, int(client_id)])
+
+
+def drawn_mean_cosine(test: np.ndarray, train: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """sim(x) of the reference: the mean cosine of each test feature to the training features its
+    draws name. test [n, D], train [m, D], draws [n, k] rows of train -> [n] float32."""
+    cos = cosine_similarity_matrix(np.concatenate([test, train]))[: len(test), len(test):]  # [n, m]
+    return np.take_along_axis(cos, np.asarray(draws).reshape(len(test), -1), axis=1).mean(axis=1).astype(np.float32)
+
+
+def reference_blend(weight):
+    """reference: weight(x) on the global adapter -> (self_weight, mix_weight) = (w, 1 - w)."""
+    weight = np.asarray(weight, np.float32)
+    return weight, (1.0 - weight).astype(np.float32)
+
+
+def pre_issue16_blend(alpha, train_weight: float):
+    """pre_issue16: alpha(x) of the local adapter -> (self_weight, mix_weight) = (1 - alpha, alpha / (1 - a))."""
+    alpha = np.asarray(alpha, np.float32)
+    return (1.0 - alpha).astype(np.float32), (alpha / (1.0 - float(train_weight))).astype(np.float32)
+
+
+def dynamic_blend(variant: str, test: np.ndarray, train: np.ndarray, *, max_weight: float, instance_num: int,
+                  train_weight: float, rng: np.random.Generator):
+    """FedDPA's dynamic mixing of n inputs of ONE client from their features and that client's
+    training features (reference: last-token states under base + its local adapter;
+    pre_issue16: base embeddings) -> (self_weight [n], mix_weight [n]) float32. The rule of
+    `_feddpa_route` (what `predict` serves a bundle with); rng: `draw_rng(seed, client)`."""
+    test, train = np.asarray(test, np.float32), np.asarray(train, np.float32)
+    if variant == "reference":
+        sim = drawn_mean_cosine(test, train, instance_draws(len(train), len(test), int(instance_num), rng))
+        return reference_blend(max_weight * sim)
+    return pre_issue16_blend(dynamic_weights(test, train, max_weight=max_weight, instance_num=int(instance_num),
+                                             rng=rng), train_weight)
+
+
 @partial(jax.jit, static_argnames=("cfg",))
 def _last_token_batch(base, lora, tokens, mask, *, cfg):
     hidden = llama.transformer(base, tokens, mask, cfg=cfg, lora=lora)
@@ -535,16 +573,45 @@ def _feddpa_route_features(env: Env, base: dict, state: AdapterState, inputs):
         n_test, n_train = int(test_m[c].sum()), int(train_m[c].sum())
         if n_test == 0 or n_train == 0:
             continue
-        draws = instance_draws(n_train, n_test, int(dc.instance_num), np.random.default_rng([int(env.config.seed), 7, int(cid)]))
+        draws = instance_draws(n_train, n_test, int(dc.instance_num), draw_rng(env.config.seed, cid))
         used, where = np.unique(draws, return_inverse=True)
         lora = env.stack(jax.tree.map(lambda x: jnp.asarray(x[c]), state.adapters))
         te = last_token_states(base, env.model_cfg, lora, np.asarray(inputs.test_prompt[c])[test_m[c]],
                                np.asarray(inputs.test_prompt_mask[c])[test_m[c]], batch)
         tr = last_token_states(base, env.model_cfg, lora, np.asarray(inputs.train_prompt[c])[train_m[c]][used],
                                np.asarray(inputs.train_prompt_mask[c])[train_m[c]][used], batch)
-        cos = cosine_similarity_matrix(np.concatenate([te, tr]))[:n_test, n_test:]  # [n_test, |used|]
-        sim[c, :n_test] = np.take_along_axis(cos, where.reshape(draws.shape), axis=1).mean(axis=1)
+        sim[c, :n_test] = drawn_mean_cosine(te, tr, where.reshape(draws.shape))
     return inputs.replace(route_features=sim)
+
+
+def _feddpa_route_reference(env: Env, base: dict, state: AdapterState, inputs):
+    """Dynamic mixing: what a new input of client c is compared with, from c's own training data
+    (written by the run after its last round, exported into the bundle; `dynamic_blend`).
+    reference: the last-token states of ALL its training prompts under base + its local adapter
+    (`last_token_states`); pre_issue16: their base-model embeddings. -> {"train_features"
+    [C, N, D] float32 (client c's rows first, zero after), "train_count" [C] int32}; None when
+    mixing is fixed (nothing to compare)."""
+    dc = env.config.feddpa
+    if dc.mixing == "fixed":
+        return None
+    train_m = np.asarray(inputs.train_mask, bool)
+    count = train_m.sum(axis=1).astype(np.int32)
+    feats = np.zeros(train_m.shape + (env.model_cfg.hidden_size,), np.float32)
+    if _is_reference(env) and (inputs.train_prompt is None):
+        raise ValueError("feddpa.variant: reference needs the clients' training prompt tokens "
+                         "(ClientInputs.train_prompt, set by runner.prepare)")
+    batch = int(env.config.eval.batch_size)
+    for c in range(train_m.shape[0]):
+        if count[c] == 0:
+            continue
+        if _is_reference(env):
+            lora = env.stack(jax.tree.map(lambda x: jnp.asarray(x[c]), state.adapters))
+            tokens = np.asarray(inputs.train_prompt[c])[train_m[c]]
+            mask = np.asarray(inputs.train_prompt_mask[c])[train_m[c]]
+            feats[c, : count[c]] = last_token_states(base, env.model_cfg, lora, tokens, mask, batch)
+        else:
+            feats[c, : count[c]] = np.asarray(inputs.train_emb[c], np.float32)[train_m[c]]
+    return {"train_features": feats, "train_count": count}
 
 
 def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode: str) -> Routing:
@@ -561,9 +628,9 @@ def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode
                              "route_features(env, base, client_state, inputs) first)")
         else:
             weight = dc.max_weight * np.asarray(inputs.route_features, np.float32)
-        weight = np.where(m, weight, 0.0).astype(np.float32)
-        return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=np.where(m, 1.0 - weight, 0.0).astype(np.float32),
-                       self_weight=weight)
+        self_w, mix_w = reference_blend(np.where(m, weight, 0.0))
+        return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=np.where(m, mix_w, 0.0).astype(np.float32),
+                       self_weight=self_w)
     tw = float(dc.train_weight)
     alpha = np.zeros(m.shape, np.float32)
     for c, cid in enumerate(np.asarray(inputs.client_id)):
@@ -573,9 +640,9 @@ def _feddpa_route(env: Env, state: AdapterState, msg: RouteMessage, inputs, mode
         else:
             alpha[c, : len(test)] = dynamic_weights(test.astype(np.float32), train.astype(np.float32),
                                                     max_weight=dc.max_weight, instance_num=dc.instance_num,
-                                                    rng=np.random.default_rng([seed, 7, int(cid)]))
-    return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=(alpha / (1.0 - tw)).astype(np.float32),
-                   self_weight=(1.0 - alpha).astype(np.float32))
+                                                    rng=draw_rng(seed, cid))
+    self_w, mix_w = pre_issue16_blend(alpha, tw)
+    return Routing(own=own, ids=ids, mix_ids=mix_ids, mix_weight=mix_w, self_weight=self_w)
 
 
 FEDDPA = register(Method(
@@ -583,7 +650,7 @@ FEDDPA = register(Method(
     client_setup=_feddpa_client_setup, client_pools=lambda env, s, task, inputs: pool_all(inputs.train_mask, 2),
     client_slots=_feddpa_slots, client_reply=_feddpa_reply, client_route=_feddpa_route,
     server_setup=_feddpa_server_setup, server_plan=_feddpa_plan, server_aggregate=_feddpa_aggregate,
-    server_route=_shared_route, route_features=_feddpa_route_features,
+    server_route=_shared_route, route_features=_feddpa_route_features, route_reference=_feddpa_route_reference,
     # slot s of client c: stream s * C + c (global slots of all clients first, as before this split)
     batch_stream=lambda env, client, slot: slot * env.n_clients + client, config_section=("feddpa", FedDPAConfig),
     description=("FedDPA-T: global adapter by FedAvg + a local adapter trained on top of the frozen global one; "
